@@ -1,0 +1,28 @@
+"""jaxpatch: activation patching as compiled, vectorised JAX programs.
+
+The public API, re-exported here; everything else is internal.
+"""
+
+from ._errors import (
+    CheckpointError as CheckpointError,
+    InputError as InputError,
+    JaxpatchError as JaxpatchError,
+    UnknownSiteError as UnknownSiteError,
+    UnsupportedArchitectureError as UnsupportedArchitectureError,
+)
+from .cache import ActivationCache as ActivationCache
+from .config import ModelConfig as ModelConfig
+from .interventions import (
+    Edit as Edit,
+    Interventions as Interventions,
+    add as add,
+    combine as combine,
+    edit as edit,
+    replace as replace,
+    zero as zero,
+)
+from .loading import load_pretrained as load_pretrained, save_pretrained as save_pretrained
+from .model import HookedModel as HookedModel
+from .sites import SITES as SITES, parse as parse_site
+
+__version__ = "0.1.0"

@@ -1,0 +1,175 @@
+"""Load and save Hugging Face checkpoint directories (``config.json`` + safetensors), offline only."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from ._errors import CheckpointError
+from .models import convert
+
+_ST_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Read every tensor of a ``.safetensors`` file as NumPy (memory-mapped; bfloat16 included)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"Cannot read safetensors file {str(path)!r}: {e}") from None
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if os.path.getsize(path) > 8 + n else np.zeros(0, np.uint8)
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"Tensor {name!r} in {str(path)!r} has unsupported dtype {info['dtype']}.")
+        start, end = info["data_offsets"]
+        out[name] = np.frombuffer(data[start:end], dtype=_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return out
+
+
+def resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
+    """A checkpoint directory from a path, or a hub name found in the local Hugging Face cache.
+
+    Never downloads. The cache is ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
+    ``~/.cache/huggingface/hub``.
+    """
+    p = Path(path_or_name).expanduser()
+    if p.is_dir():
+        return p
+    name = str(path_or_name)
+    if p.exists():
+        raise CheckpointError(f"{name!r} is a file; pass the checkpoint directory that holds config.json.")
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
+    hub = Path(
+        os.environ.get("HF_HUB_CACHE")
+        or os.path.join(os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "hub")
+    )
+    repo_dir = hub / ("models--" + name.replace("/", "--"))
+    snapshots = repo_dir / "snapshots"
+    if not looks_like_path and snapshots.is_dir():
+        ref = repo_dir / "refs" / "main"
+        if ref.is_file():
+            snap = snapshots / ref.read_text().strip()
+            if snap.is_dir():
+                return snap
+        snaps = sorted((s for s in snapshots.iterdir() if s.is_dir()), key=lambda s: s.stat().st_mtime)
+        if snaps:
+            return snaps[-1]
+    raise CheckpointError(
+        f"No checkpoint directory {name!r}, and no hub model {name!r} in the local Hugging Face cache "
+        f"({str(hub)!r}). jaxpatch never downloads: pass a directory with config.json and "
+        f"model.safetensors, or fetch the model into the cache on a machine with network access "
+        f"(e.g. `huggingface-cli download {name}`)."
+    )
+
+
+def read_checkpoint(directory: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(config.json dict, tensors)`` of a checkpoint directory (single or sharded safetensors)."""
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"Checkpoint directory {str(directory)!r} has no config.json.")
+    try:
+        hf_config = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{str(cfg_path)!r} is not valid JSON: {e}") from None
+    single = directory / "model.safetensors"
+    index = directory / "model.safetensors.index.json"
+    if single.is_file():
+        return hf_config, read_safetensors(single)
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        tensors: dict[str, np.ndarray] = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = directory / shard
+            if not shard_path.is_file():
+                raise CheckpointError(f"Shard {shard!r} listed in {index.name} is missing from {str(directory)!r}.")
+            tensors.update(read_safetensors(shard_path))
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise CheckpointError(f"Tensors listed in {index.name} but absent from the shards: {missing[:20]}.")
+        return hf_config, tensors
+    present = sorted(f.name for f in directory.iterdir())
+    raise CheckpointError(
+        f"Checkpoint directory {str(directory)!r} has no model.safetensors or model.safetensors.index.json "
+        f"(found: {present}). Only safetensors checkpoints are supported."
+    )
+
+
+_DTYPES = {"float32": jnp.float32, "float64": jnp.float64, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def canonical_dtype(dtype):
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"Unsupported dtype {dtype!r}; choose one of {sorted(_DTYPES)}.")
+        dtype = _DTYPES[dtype]
+    dt = jnp.dtype(dtype)
+    if dt not in [jnp.dtype(d) for d in _DTYPES.values()]:
+        raise CheckpointError(f"Unsupported dtype {dt}; choose one of {sorted(_DTYPES)}.")
+    if dt == jnp.float64:
+        import jax
+
+        if not jax.config.jax_enable_x64:
+            raise CheckpointError(
+                "dtype float64 needs 64-bit JAX: call jax.config.update('jax_enable_x64', True) first."
+            )
+    return dt
+
+
+def load_pretrained(path_or_name, dtype="float32"):
+    """Load a Hugging Face checkpoint as a :class:`jaxpatch.HookedModel`.
+
+    Args:
+        path_or_name: a directory with ``config.json`` and ``model.safetensors`` (or sharded
+            safetensors with ``model.safetensors.index.json``), or a hub name such as ``"gpt2"``
+            resolved from the local Hugging Face cache only (never downloaded).
+        dtype: ``"float32"`` (default), ``"bfloat16"``, ``"float16"`` or ``"float64"`` (needs
+            ``jax_enable_x64``), or the corresponding JAX dtype.
+
+    Raises:
+        CheckpointError: missing directory/files/tensors, unexpected tensors, shape mismatches.
+        UnsupportedArchitectureError: the config names an architecture jaxpatch does not implement.
+    """
+    from .model import HookedModel
+
+    dt = canonical_dtype(dtype)
+    directory = resolve_checkpoint(path_or_name)
+    hf_config, tensors = read_checkpoint(directory)
+    config = convert.config_from_hf(hf_config)
+    tied = bool(hf_config.get("tie_word_embeddings", True))
+    params = convert.params_from_hf(config, tensors, tied=tied, dtype=dt)
+    tokenizer = None
+    if (directory / "tokenizer.json").is_file():
+        tokenizer = directory / "tokenizer.json"
+    return HookedModel(config, params, name=str(path_or_name), tokenizer_path=tokenizer)
+
+
+def save_pretrained(model, directory) -> Path:
+    """Write ``model`` as a Hugging Face ``GPT2LMHeadModel`` directory (config.json + model.safetensors)."""
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(convert.config_to_hf(model.config), indent=2))
+    save_file(convert.params_to_hf(model.config, model.params), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory

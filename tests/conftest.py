@@ -1,0 +1,30 @@
+"""Test configuration: 8 simulated CPU devices, strict rank promotion, shared fixtures."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+import jaxpatch  # noqa: E402
+
+
+@pytest.fixture
+def x64():
+    """Run a test with 64-bit JAX enabled."""
+    with jax.enable_x64(True):
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    return jaxpatch.ModelConfig.gpt2(n_layers=3, d_model=32, n_heads=4, d_vocab=61, n_ctx=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_config):
+    return jaxpatch.HookedModel.from_config(tiny_config, seed=0)

@@ -1,0 +1,56 @@
+"""Helpers shared by the tests (torch is imported lazily, only by the parity helpers)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import jaxpatch
+
+
+def random_tokens(config, batch=2, pos=8, seed=0):
+    return np.random.default_rng(seed).integers(0, config.d_vocab, size=(batch, pos)).astype(np.int32)
+
+
+def hf_gpt2(n_layers, d_model, n_heads, d_vocab, n_ctx, d_mlp=None, seed=0, act="gelu_new", tied=True):
+    """A random-init ``transformers`` GPT2LMHeadModel with randomised LN params and biases too."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        n_layer=n_layers, n_embd=d_model, n_head=n_heads, vocab_size=d_vocab, n_positions=n_ctx,
+        n_inner=d_mlp, activation_function=act, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        tie_word_embeddings=tied,
+    )
+    model = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "ln_" in name:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if name.endswith("weight") else 0.0))
+    return model
+
+
+def tl_from_hf(hf_model, dtype="float32"):
+    """A TransformerLens HookedTransformer with the HF model's weights, no folding or centering."""
+    import torch
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
+
+    c = hf_model.config
+    cfg = HookedTransformerConfig(
+        n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.n_positions, d_head=c.n_embd // c.n_head,
+        n_heads=c.n_head, d_mlp=c.n_inner or 4 * c.n_embd, d_vocab=c.vocab_size, act_fn=c.activation_function,
+        normalization_type="LN", eps=c.layer_norm_epsilon, positional_embedding_type="standard",
+        original_architecture="GPT2LMHeadModel", dtype=getattr(torch, dtype), device="cpu",
+    )
+    tl = HookedTransformer(cfg)
+    tl.load_and_process_state_dict(
+        convert_gpt2_weights(hf_model, cfg), fold_ln=False, center_writing_weights=False,
+        center_unembed=False, fold_value_biases=False,
+    )
+    return tl.eval()
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
