@@ -26,3 +26,6 @@ from .model import HookedModel as HookedModel
 from .sites import SITES as SITES, parse as parse_site
 
 __version__ = "0.1.0"
+from . import metrics as metrics, sweep as sweep  # noqa: E402
+from .patching import activation_patch as activation_patch  # noqa: E402
+from .results import PatchResult as PatchResult  # noqa: E402

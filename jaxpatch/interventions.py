@@ -51,6 +51,9 @@ class Edit:
         value: replacement, broadcastable to the activation; ``None`` for no replacement.
         delta: addition, broadcastable to the activation; ``None`` for no addition.
         stacked: whether value/delta/mask carry a leading ``n_layers`` axis (static).
+        paired: if True, ``layers`` and every ``index`` array are 1-D of one length K and the edit
+            selects the K tuples ``(layers[k], index[a][k] for each axis a)`` (a set of components
+            patched jointly), instead of the outer product of the per-axis selections (static).
     """
 
     layers: Array | None = None
@@ -59,17 +62,18 @@ class Edit:
     value: Array | None = None
     delta: Array | None = None
     stacked: bool = False
+    paired: bool = False
 
     def tree_flatten(self):
         keys = tuple(sorted(self.index))
         children = (self.layers, tuple(self.index[k] for k in keys), self.mask, self.value, self.delta)
-        return children, (keys, self.stacked)
+        return children, (keys, self.stacked, self.paired)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        keys, stacked = aux
+        keys, stacked, paired = aux
         layers, idx, mask, value, delta = children
-        return cls(layers, dict(zip(keys, idx)), mask, value, delta, stacked)
+        return cls(layers, dict(zip(keys, idx)), mask, value, delta, stacked, paired)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -246,11 +250,25 @@ def add(config: ModelConfig, name: str, delta, **kw) -> Interventions:
 # Application (inside the forward pass)
 
 
-def _axis_mask(idx: Array, axis: int, shape: tuple[int, ...]) -> Array:
+#: Axes that a suffix run (``pos_offset > 0``) covers only from the offset on.
+_OFFSET_AXES = ("pos", "q_pos")
+
+
+def _axis_mask(idx: Array, axis: int, shape: tuple[int, ...], offset: int = 0) -> Array:
     n = shape[axis]
-    idx = jnp.reshape(idx, (-1,)) % n
-    hit = jnp.any(jnp.arange(n, dtype=jnp.int32)[:, None] == idx[None, :], axis=-1)
+    idx = jnp.reshape(idx, (-1,)) % (n + offset)
+    hit = jnp.any(jnp.arange(offset, offset + n, dtype=jnp.int32)[:, None] == idx[None, :], axis=-1)
     return jnp.reshape(hit, [n if i == axis else 1 for i in range(len(shape))])
+
+
+def _suffix(x, axes, shape, offset):
+    """Slice full-sequence ``x`` to the suffix ``offset:`` along its position axes."""
+    if x is None or offset == 0:
+        return x
+    for i, a in enumerate(axes):
+        if a in _OFFSET_AXES and x.shape[i] == shape[i] + offset:
+            x = jax.lax.slice_in_dim(x, offset, None, axis=i)
+    return x
 
 
 def _take_layer(x, layer, stacked):
@@ -277,23 +295,36 @@ def _check_broadcast(what: str, canonical: str, arr, shape):
         )
 
 
-def apply_edits(canonical: str, act: Array, edits: tuple[Edit, ...], layer: Array | None) -> Array:
-    """Apply ``edits`` to activation ``act`` of site ``canonical`` at (traced) ``layer``."""
+def apply_edits(
+    canonical: str, act: Array, edits: tuple[Edit, ...], layer: Array | None, pos_offset: int = 0
+) -> Array:
+    """Apply ``edits`` to activation ``act`` of site ``canonical`` at (traced) ``layer``.
+
+    With ``pos_offset > 0`` the activation covers positions ``pos_offset..`` only; indices and
+    full-length values/masks/deltas are in whole-sequence coordinates and are sliced here.
+    """
     axes = SITES[canonical].axes
     shape = act.shape
+
+    def prep(x):
+        return _suffix(_lift(_take_layer(x, layer, stacked), len(shape)), axes, shape, pos_offset)
+
     for e in edits:
-        value = _lift(_take_layer(e.value, layer, e.stacked), len(shape))
-        delta = _lift(_take_layer(e.delta, layer, e.stacked), len(shape))
-        mask = _lift(_take_layer(e.mask, layer, e.stacked), len(shape))
+        stacked = e.stacked
+        value, delta, mask = prep(e.value), prep(e.delta), prep(e.mask)
         sel = None if mask is None else mask
         if mask is not None:
             _check_broadcast("mask", canonical, mask, act.shape)
-        for axis_name, idx in e.index.items():
-            m = _axis_mask(idx, axes.index(axis_name), act.shape)
-            sel = m if sel is None else sel & m
-        if e.layers is not None and layer is not None:
-            on = jnp.any(jnp.reshape(e.layers, (-1,)) == layer)
-            sel = on if sel is None else sel & on
+        if e.paired:
+            sel = _paired_selection(e, axes, shape, layer, pos_offset, sel)
+        else:
+            for axis_name, idx in e.index.items():
+                off = pos_offset if axis_name in _OFFSET_AXES else 0
+                m = _axis_mask(idx, axes.index(axis_name), act.shape, off)
+                sel = m if sel is None else sel & m
+            if e.layers is not None and layer is not None:
+                on = jnp.any(jnp.reshape(e.layers, (-1,)) == layer)
+                sel = on if sel is None else sel & on
         if value is not None:
             _check_broadcast("value", canonical, value, act.shape)
             value = value.astype(act.dtype)
@@ -303,6 +334,26 @@ def apply_edits(canonical: str, act: Array, edits: tuple[Edit, ...], layer: Arra
             delta = delta.astype(act.dtype)
             act = act + (delta if sel is None else jnp.where(sel, delta, jnp.zeros((), act.dtype)))
     return act
+
+
+def _paired_selection(e: Edit, axes, shape, layer, pos_offset, sel):
+    """OR over k of (layer == layers[k] AND index[a][k] for every axis a)."""
+    ndim = len(shape)
+    hits = None
+    for axis_name, idx in e.index.items():
+        i = axes.index(axis_name)
+        n, off = shape[i], (pos_offset if axis_name in _OFFSET_AXES else 0)
+        idx = jnp.reshape(idx, (-1,)) % (n + off)
+        hit = jnp.arange(off, off + n, dtype=jnp.int32)[None, :] == idx[:, None]  # [K, n]
+        hit = jnp.reshape(hit, (hit.shape[0],) + tuple(n if j == i else 1 for j in range(ndim)))
+        hits = hit if hits is None else hits & hit
+    if e.layers is not None and layer is not None:
+        on = jnp.reshape(jnp.reshape(e.layers, (-1,)) == layer, (-1,) + (1,) * ndim)
+        hits = on if hits is None else hits & on
+    if hits is None:
+        return sel
+    any_k = jnp.any(hits, axis=0)
+    return any_k if sel is None else sel & any_k
 
 
 def validate(ivs: Interventions, config: ModelConfig, batch: int, pos: int) -> None:

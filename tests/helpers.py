@@ -11,7 +11,7 @@ def random_tokens(config, batch=2, pos=8, seed=0):
     return np.random.default_rng(seed).integers(0, config.d_vocab, size=(batch, pos)).astype(np.int32)
 
 
-def hf_gpt2(n_layers, d_model, n_heads, d_vocab, n_ctx, d_mlp=None, seed=0, act="gelu_new", tied=True):
+def hf_gpt2(n_layers, d_model, n_heads, d_vocab, n_ctx, d_mlp=None, seed=0, act="gelu_new", tied=True, init_std=0.02):
     """A random-init ``transformers`` GPT2LMHeadModel with randomised LN params and biases too."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -20,7 +20,7 @@ def hf_gpt2(n_layers, d_model, n_heads, d_vocab, n_ctx, d_mlp=None, seed=0, act=
     cfg = GPT2Config(
         n_layer=n_layers, n_embd=d_model, n_head=n_heads, vocab_size=d_vocab, n_positions=n_ctx,
         n_inner=d_mlp, activation_function=act, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        tie_word_embeddings=tied,
+        tie_word_embeddings=tied, initializer_range=init_std,
     )
     model = GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():

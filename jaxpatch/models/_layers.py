@@ -30,18 +30,24 @@ class SiteHandler:
 
     Model code calls ``x = hs(name, x)`` exactly once per site (per layer); this is the whole
     mechanism: no hooks, no global state. ``layer`` is the traced layer index inside the scan.
+
+
+    ``pos_offset`` (static) says the activations cover positions ``pos_offset..`` of the sequence
+    only (a suffix run that reuses a cached prefix); indices and full-length values are then
+    interpreted in whole-sequence coordinates.
     """
 
-    def __init__(self, ivs: Interventions, capture: frozenset, layer=None):
+    def __init__(self, ivs: Interventions, capture: frozenset, layer=None, pos_offset: int = 0):
         self.ivs = ivs
         self.capture = capture
         self.layer = layer
+        self.pos_offset = pos_offset
         self.captured: dict = {}
 
     def __call__(self, name: str, act):
         edits = self.ivs.edits.get(name)
         if edits:
-            act = apply_edits(name, act, edits, self.layer)
+            act = apply_edits(name, act, edits, self.layer, self.pos_offset)
         if name in self.capture:
             self.captured[name] = act
         return act

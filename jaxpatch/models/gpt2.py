@@ -74,17 +74,25 @@ def embed(config: ModelConfig, params: Params, tokens, hs: SiteHandler):
     return e + p
 
 
-def block(config: ModelConfig, p: Params, x, hs: SiteHandler):
-    """One transformer block on residual stream ``x`` ``[B, T, D]``; ``p`` is that layer's params."""
+def block(config: ModelConfig, p: Params, x, hs: SiteHandler, prefix_kv=None):
+    """One transformer block on residual stream ``x`` ``[B, T, D]``; ``p`` is that layer's params.
+
+    ``prefix_kv``: optional ``(k, v)`` ``[B, s, N, H]`` of positions ``0..s-1`` from a cached run;
+    ``x`` then holds positions ``s..`` only (``hs.pos_offset == s``). Used by sweeps: a patch at
+    position p cannot change earlier positions under causal attention, so they are not recomputed.
+    """
     c = config
     x = hs("blocks.hook_resid_pre", x)
     h = layer_norm(x, p["ln1_w"], p["ln1_b"], c.eps, hs, "blocks.ln1")
     q = hs("blocks.attn.hook_q", jnp.einsum("BTD,NDH->BTNH", h, p["W_Q"]) + lift(p["b_Q"], 4))
     k = hs("blocks.attn.hook_k", jnp.einsum("BSD,NDH->BSNH", h, p["W_K"]) + lift(p["b_K"], 4))
     v = hs("blocks.attn.hook_v", jnp.einsum("BSD,NDH->BSNH", h, p["W_V"]) + lift(p["b_V"], 4))
-    T = x.shape[1]
+    if prefix_kv is not None:
+        k = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=1)
+    T, S = x.shape[1], k.shape[1]
     scores = jnp.einsum("BTNH,BSNH->BNTS", q, k) / jnp.sqrt(jnp.asarray(c.d_head, q.dtype))
-    causal = jnp.tril(jnp.ones((T, T), dtype=bool))
+    causal = jnp.arange(S - T, S)[:, None] >= jnp.arange(S)[None, :]
     scores = hs("blocks.attn.hook_attn_scores", jnp.where(causal, scores, jnp.asarray(-jnp.inf, scores.dtype)))
     # Softmax in at least float32; masked entries are -inf (TransformerLens's convention).
     pattern = jax.nn.softmax(scores.astype(jnp.promote_types(scores.dtype, jnp.float32)), axis=-1)
@@ -158,3 +166,46 @@ def forward(
     x, block_caps = run_blocks(config, params["blocks"], x, ivs, capture)
     logits = unembed(config, params, x, hs)
     return logits, {**hs.captured, **block_caps}
+
+
+def run_blocks_from(
+    config: ModelConfig,
+    blocks: Params,
+    x,
+    start,
+    ivs: Interventions = NONE,
+    pos_offset: int = 0,
+    prefix_kv=None,
+):
+    """Run blocks ``start..n_layers-1`` (``start`` may be traced) on residual stream ``x``.
+
+    Args:
+        x: ``[B, T - pos_offset, D]``, the residual stream entering block ``start`` at positions
+            ``pos_offset..``.
+        start: first block to run (a traced int is fine: one program serves every start layer).
+        ivs: interventions, keyed by absolute layer; positions in whole-sequence coordinates.
+        pos_offset: static number of leading positions not recomputed.
+        prefix_kv: ``(k, v)`` stacked over layers, ``[L, B, T, N, H]`` (only positions
+            ``< pos_offset`` are read), required when ``pos_offset > 0``.
+
+    Returns:
+        the residual stream after the last block, ``[B, T - pos_offset, D]``.
+    """
+    n = jax.tree_util.tree_leaves(blocks)[0].shape[0]
+
+    def body(layer, x):
+        p = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False), blocks)
+        kv = None
+        if pos_offset:
+            kv = tuple(
+                jax.lax.slice_in_dim(jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False), 0, pos_offset, axis=1)
+                for a in prefix_kv
+            )
+        return block(config, p, x, SiteHandler(ivs, frozenset(), layer, pos_offset), kv)
+
+    return jax.lax.fori_loop(start, n, body, x)
+
+
+def logits_at(config: ModelConfig, params: Params, x, ivs: Interventions = NONE, pos_offset: int = 0):
+    """Final layer norm and unembedding of residual rows ``x`` ``[B, R, D]`` -> ``[B, R, V]``."""
+    return unembed(config, params, x, SiteHandler(ivs, frozenset(), None, pos_offset))

@@ -1,0 +1,1 @@
+"""Drop-in APIs of other libraries, running on jaxpatch's engine."""

@@ -1,0 +1,133 @@
+"""``transformer_lens.patching``'s functions, same names, arguments and output shapes, running on
+jaxpatch's vectorised engine: one compiled program per call instead of one forward per patch.
+
+Each function takes ``(model, corrupted_tokens, clean_cache, patching_metric)`` where ``model`` is a
+:class:`jaxpatch.HookedModel`, ``clean_cache`` is what ``model.run_with_cache(clean_tokens)``
+returned, and ``patching_metric`` is a JAX function of logits ``[batch, pos, d_vocab]`` returning a
+scalar. Results are JAX arrays with TransformerLens's shapes, e.g.
+``get_act_patch_resid_pre(...)`` -> ``[n_layers, pos]``.
+
+If the metric reads only the last position's logits (checked once per call, by evaluating it on
+logits whose other positions are NaN), only those logits are computed and earlier positions are
+reused from cache; otherwise the full logits of every patched run are computed.
+
+Migration::
+
+    # from transformer_lens import patching          # before
+    from jaxpatch.compat.transformer_lens import patching  # after (or import the functions)
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+
+from .. import sweep as _sweep
+from .._errors import InputError
+from ..cache import ActivationCache
+from ..model import HookedModel, check_tokens
+from ..sweep import CustomMetric
+
+_RUN_SITES = frozenset({"blocks.hook_resid_pre", "blocks.attn.hook_k", "blocks.attn.hook_v"})
+
+
+def _probe_metric(metric, logits) -> bool:
+    """Check the metric returns a scalar; return whether it reads only the last position."""
+    out = jnp.asarray(metric(logits))
+    if out.shape != ():
+        raise InputError(
+            f"patching_metric must return a scalar (as in TransformerLens); it returned shape {out.shape}. "
+            "Average over the batch inside the metric."
+        )
+    if not jnp.issubdtype(out.dtype, jnp.floating) and not jnp.issubdtype(out.dtype, jnp.integer):
+        raise InputError(f"patching_metric must return a number, got dtype {out.dtype}.")
+    masked = logits.at[:, :-1].set(jnp.nan)
+    return bool(jnp.isfinite(jnp.asarray(metric(masked), jnp.float32)))
+
+
+def generic_activation_patch(model: HookedModel, corrupted_tokens, clean_cache: ActivationCache, patching_metric,
+                             site: str, index_axis_names, **engine_kw):
+    """Patch ``site`` (canonical name) over every combination of ``index_axis_names`` (jaxpatch
+    grid-axis names, e.g. ``("layer", "pos")``); result shaped by those axes in that order."""
+    if not isinstance(model, HookedModel):
+        raise InputError(f"model must be a jaxpatch HookedModel, got {type(model).__name__}.")
+    if not isinstance(clean_cache, ActivationCache):
+        raise InputError("clean_cache must be the ActivationCache returned by model.run_with_cache(clean_tokens).")
+    tokens = check_tokens(model.config, corrupted_tokens)
+    B, T = tokens.shape
+    try:
+        source = clean_cache.stacked(site)
+    except KeyError:
+        raise InputError(f"clean_cache lacks {site!r} for every layer; run run_with_cache without a names filter "
+                         f"(or include every layer of {site!r}).") from None
+    if source.shape[1:3] != (B, T) and site != "blocks.attn.hook_pattern" and site != "blocks.attn.hook_attn_scores":
+        raise InputError(f"clean_cache was computed on prompts of shape {tuple(source.shape[1:3])}; corrupted_tokens has shape {(B, T)}.")
+    if site in ("blocks.attn.hook_pattern", "blocks.attn.hook_attn_scores") and (source.shape[1], source.shape[3]) != (B, T):
+        raise InputError(f"clean_cache was computed on prompts of shape {(source.shape[1], source.shape[3])}; corrupted_tokens has shape {(B, T)}.")
+    logits, caps = model.run(tokens, capture=_RUN_SITES)
+    last_only = _probe_metric(patching_metric, logits)
+    spec = _sweep.grid(model.config, site, index_axis_names, T)
+    out, _ = _sweep.run(
+        model.config, model.params, spec,
+        {"resid": caps["blocks.hook_resid_pre"], "k": caps["blocks.attn.hook_k"], "v": caps["blocks.attn.hook_v"]},
+        source, True, CustomMetric(patching_metric, last_only), {}, T, **engine_kw,
+    )
+    return out.reshape(spec.grid_shape)
+
+
+def _make(site, axes, doc_shape):
+    def fn(model, corrupted_tokens, clean_cache, patching_metric, **engine_kw):
+        return generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metric, site, axes, **engine_kw)
+
+    fn.__doc__ = f"Patch ``{site}`` over {' x '.join(axes)}. Returns ``{doc_shape}``."
+    return fn
+
+
+get_act_patch_resid_pre = _make("blocks.hook_resid_pre", ("layer", "pos"), "[n_layers, pos]")
+get_act_patch_resid_mid = _make("blocks.hook_resid_mid", ("layer", "pos"), "[n_layers, pos]")
+get_act_patch_attn_out = _make("blocks.hook_attn_out", ("layer", "pos"), "[n_layers, pos]")
+get_act_patch_mlp_out = _make("blocks.hook_mlp_out", ("layer", "pos"), "[n_layers, pos]")
+get_act_patch_attn_head_out_all_pos = _make("blocks.attn.hook_z", ("layer", "head"), "[n_layers, n_heads]")
+get_act_patch_attn_head_q_all_pos = _make("blocks.attn.hook_q", ("layer", "head"), "[n_layers, n_heads]")
+get_act_patch_attn_head_k_all_pos = _make("blocks.attn.hook_k", ("layer", "head"), "[n_layers, n_heads]")
+get_act_patch_attn_head_v_all_pos = _make("blocks.attn.hook_v", ("layer", "head"), "[n_layers, n_heads]")
+get_act_patch_attn_head_pattern_all_pos = _make("blocks.attn.hook_pattern", ("layer", "head"), "[n_layers, n_heads]")
+get_act_patch_attn_head_out_by_pos = _make("blocks.attn.hook_z", ("layer", "pos", "head"), "[n_layers, pos, n_heads]")
+get_act_patch_attn_head_q_by_pos = _make("blocks.attn.hook_q", ("layer", "pos", "head"), "[n_layers, pos, n_heads]")
+get_act_patch_attn_head_k_by_pos = _make("blocks.attn.hook_k", ("layer", "pos", "head"), "[n_layers, pos, n_heads]")
+get_act_patch_attn_head_v_by_pos = _make("blocks.attn.hook_v", ("layer", "pos", "head"), "[n_layers, pos, n_heads]")
+get_act_patch_attn_head_pattern_by_pos = _make("blocks.attn.hook_pattern", ("layer", "head", "dest_pos"), "[n_layers, n_heads, dest_pos]")
+get_act_patch_attn_head_pattern_dest_src_pos = _make(
+    "blocks.attn.hook_pattern", ("layer", "head", "dest_pos", "src_pos"), "[n_layers, n_heads, dest_pos, src_pos]")
+
+
+def get_act_patch_block_every(model, corrupted_tokens, clean_cache, metric, **engine_kw):
+    """resid_pre, attn_out and mlp_out by layer x pos, stacked: ``[3, n_layers, pos]``."""
+    fns = (get_act_patch_resid_pre, get_act_patch_attn_out, get_act_patch_mlp_out)
+    return jnp.stack([f(model, corrupted_tokens, clean_cache, metric, **engine_kw) for f in fns])
+
+
+def get_act_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric, **engine_kw):
+    """Head output, q, k, v and pattern over all positions, stacked: ``[5, n_layers, n_heads]``."""
+    fns = (get_act_patch_attn_head_out_all_pos, get_act_patch_attn_head_q_all_pos, get_act_patch_attn_head_k_all_pos,
+           get_act_patch_attn_head_v_all_pos, get_act_patch_attn_head_pattern_all_pos)
+    return jnp.stack([f(model, corrupted_tokens, clean_cache, metric, **engine_kw) for f in fns])
+
+
+def get_act_patch_attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric, **engine_kw):
+    """Head output, q, k, v and pattern by position, stacked: ``[5, n_layers, pos, n_heads]``."""
+    fns = (get_act_patch_attn_head_out_by_pos, get_act_patch_attn_head_q_by_pos, get_act_patch_attn_head_k_by_pos,
+           get_act_patch_attn_head_v_by_pos)
+    out = [f(model, corrupted_tokens, clean_cache, metric, **engine_kw) for f in fns]
+    pattern = get_act_patch_attn_head_pattern_by_pos(model, corrupted_tokens, clean_cache, metric, **engine_kw)
+    out.append(jnp.transpose(pattern, (0, 2, 1)))
+    return jnp.stack(out)
+
+
+#: ``from jaxpatch.compat.transformer_lens import patching`` mirrors ``transformer_lens.patching``.
+patching = sys.modules[__name__]
+
+__all__ = [n for n in dir() if n.startswith("get_act_patch_")] + ["generic_activation_patch", "patching"]
+del np

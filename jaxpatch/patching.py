@@ -1,0 +1,277 @@
+"""Exact activation patching: the researcher-facing entry point :func:`activation_patch`.
+
+Denoising runs the corrupted prompt and patches in clean activations (is this component
+*sufficient* to restore the behaviour?); noising runs the clean prompt and patches in corrupted
+activations (is it *necessary*?). Both directions use the same sweep spec. Baselines are data:
+
+* ``resample`` — activations of corrupted prompts (several corrupted sets: an extra grid axis);
+* ``mean`` — the mean activation over a reference batch (noising only: an ablation);
+* ``zero`` — zeros (noising only);
+* ``noise`` — ROME causal tracing: Gaussian noise (``noise_scale`` x the embedding std) added to
+  the token embeddings at ``noise_positions``, ``n_noise`` samples batched as extra prompts.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import metrics as _metrics
+from . import sweep as _sweep
+from ._errors import InputError
+from .interventions import NONE, Interventions, add
+from .model import HookedModel, check_tokens
+from .results import PatchResult
+from .sites import SHORT_NAMES, SITES, canonical
+
+#: Default grid axes per site when ``by`` is not given.
+DEFAULT_AXES = {
+    "blocks.hook_resid_pre": ("layer", "pos"),
+    "blocks.hook_resid_mid": ("layer", "pos"),
+    "blocks.hook_resid_post": ("layer", "pos"),
+    "blocks.hook_attn_out": ("layer", "pos"),
+    "blocks.hook_mlp_out": ("layer", "pos"),
+    "blocks.attn.hook_z": ("layer", "head"),
+    "blocks.attn.hook_q": ("layer", "head"),
+    "blocks.attn.hook_k": ("layer", "head"),
+    "blocks.attn.hook_v": ("layer", "head"),
+    "blocks.attn.hook_pattern": ("layer", "head"),
+    "blocks.attn.hook_attn_scores": ("layer", "head"),
+    "blocks.mlp.hook_post": ("layer", "neuron"),
+    "blocks.mlp.hook_pre": ("layer", "neuron"),
+}
+
+DIRECTIONS = ("denoise", "noise")
+BASELINES = ("resample", "mean", "zero", "noise")
+_RUN_SITES = frozenset({"blocks.hook_resid_pre", "blocks.attn.hook_k", "blocks.attn.hook_v"})
+
+
+def _site(name: str, model: HookedModel) -> str:
+    c = SHORT_NAMES.get(name, name)
+    if c not in SITES:
+        c = canonical(name)  # raises UnknownSiteError with a suggestion
+    if not SITES[c].per_layer:
+        raise InputError(f"Sweeps patch per-layer sites; {name!r} is not one. Per-layer sites: {list(DEFAULT_AXES)}.")
+    return c
+
+
+def _per_prompt(x, B: int, what: str, dtype=np.int32) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim == 0:
+        arr = np.full((B,), arr)
+    if arr.shape != (B,):
+        raise InputError(f"{what} must be a scalar or have one entry per prompt (shape ({B},)); got shape {arr.shape}.")
+    return arr.astype(dtype)
+
+
+def embedding_noise(model: HookedModel, batch: int, n_pos: int, positions, scale: float, n_samples: int, seed: int) -> Interventions:
+    """Gaussian noise on ``hook_embed`` at ``positions`` for ``n_samples`` copies of a batch
+    (batch axis ``n_samples * batch``, sample-major), std ``scale`` x std of the embedding matrix."""
+    std = float(jnp.std(model.params["W_E"].astype(jnp.float32)))
+    noise = jax.random.normal(jax.random.PRNGKey(seed), (n_samples * batch, n_pos, model.config.d_model)) * (scale * std)
+    return add(model.config, "hook_embed", noise.astype(model.dtype), pos=np.asarray(positions, np.int32))
+
+
+def activation_patch(
+    model: HookedModel,
+    clean_tokens,
+    corrupt_tokens=None,
+    *,
+    site: str = "resid_pre",
+    by: Sequence[str] | None = None,
+    patches=None,
+    direction: str = "denoise",
+    baseline: str = "resample",
+    metrics: Sequence[str | Callable] | str = ("logit_diff",),
+    answer=None,
+    wrong=None,
+    answer_pos=-1,
+    reference_tokens=None,
+    noise_positions=None,
+    noise_scale: float = 3.0,
+    n_noise: int = 10,
+    seed: int = 0,
+    token_labels: Callable | Sequence[str] | None = None,
+    chunk_size: int | None = None,
+    mesh="auto",
+    position_buckets: int = 4,
+) -> PatchResult:
+    """Patch every component of a sweep and measure several metrics, in one compiled program.
+
+    Args:
+        model: a :class:`HookedModel`.
+        clean_tokens: ``[batch, pos]`` prompts where the model shows the behaviour.
+        corrupt_tokens: ``[batch, pos]`` corrupted prompts (same shape), or ``[n_sets, batch, pos]``
+            for several corrupted sets (an extra ``corrupt_set`` grid axis). Needed for
+            ``baseline="resample"``; optional for mean/zero (then used only for normalisation).
+        site: the site to patch: a short (``"resid_pre"``, ``"z"``, ``"pattern"``, ``"post"``...)
+            or canonical name.
+        by: grid axes, from ``layer``, ``pos``, ``head``, ``neuron``, ``dest_pos``, ``src_pos``
+            (default per site: residual/attn_out/mlp_out by layer x pos, heads by layer x head over
+            all positions, neurons by layer x neuron).
+        patches: instead of ``by``: explicit rows (see :func:`jaxpatch.sweep.from_rows`), each a
+            component or a list of components patched jointly.
+        direction: ``"denoise"`` or ``"noise"``.
+        baseline: ``"resample"``, ``"mean"``, ``"zero"`` or ``"noise"`` (see module docstring).
+        metrics: metric names (see :mod:`jaxpatch.metrics`) and/or callables of answer-position
+            logits ``[batch, d_vocab] -> [batch]``; all computed from the same patched runs.
+        answer: int token per prompt (or one for all) whose logit the metrics read.
+        wrong: contrast token per prompt, for ``logit_diff``.
+        answer_pos: position whose logits are read (default last), per prompt or one for all.
+        reference_tokens: prompts whose mean activation is the ``mean`` baseline (default: the
+            corrupted prompts if given, else the clean ones).
+        noise_positions: positions whose embeddings the ``noise`` baseline corrupts.
+        noise_scale, n_noise, seed: Gaussian-noise corruption settings.
+        token_labels: a vocabulary list or ``ids -> strings`` function to label positions.
+        chunk_size: patches per vectorised chunk (memory/speed knob).
+        mesh: ``"auto"`` shards the sweep over all local devices; ``None`` forces one device.
+        position_buckets: static position offsets for prefix reuse (1 disables).
+
+    Returns:
+        a :class:`PatchResult`.
+    """
+    if direction not in DIRECTIONS:
+        raise InputError(f"direction must be one of {DIRECTIONS}, got {direction!r}.")
+    if baseline not in BASELINES:
+        raise InputError(f"baseline must be one of {BASELINES}, got {baseline!r}.")
+    if baseline in ("mean", "zero") and direction == "denoise":
+        raise InputError(f"The {baseline!r} baseline is an ablation: use direction='noise' (patch it into the clean run).")
+    names = _metrics.check_names(metrics)
+    cfg = model.config
+    clean = check_tokens(cfg, clean_tokens)
+    B, T = clean.shape
+    sets = None
+    if corrupt_tokens is not None:
+        ct = np.asarray(corrupt_tokens)
+        if ct.ndim == 3:
+            sets = ct.shape[0]
+            if ct.shape[1:] != (B, T):
+                raise InputError(f"corrupt_tokens sets have shape {ct.shape[1:]} but clean_tokens is {(B, T)}; they must match.")
+            corrupt = check_tokens(cfg, ct.reshape(sets * B, T))
+        else:
+            corrupt = check_tokens(cfg, ct)
+            if corrupt.shape != (B, T):
+                raise InputError(f"clean_tokens {(B, T)} and corrupt_tokens {tuple(corrupt.shape)} must have the same shape.")
+    elif baseline == "resample":
+        raise InputError("baseline='resample' needs corrupt_tokens.")
+    if answer is None:
+        raise InputError("Give answer= (the correct next token per prompt) for the metrics.")
+    ans = _per_prompt(answer, B, "answer")
+    if np.any((ans < 0) | (ans >= cfg.d_vocab)):
+        raise InputError(f"answer token ids must lie in [0, {cfg.d_vocab}).")
+    if _metrics.needs_wrong(names):
+        if wrong is None:
+            raise InputError("Metric 'logit_diff' needs wrong= (the contrast token per prompt).")
+    wr = _per_prompt(wrong if wrong is not None else answer, B, "wrong")
+    if np.any((wr < 0) | (wr >= cfg.d_vocab)):
+        raise InputError(f"wrong token ids must lie in [0, {cfg.d_vocab}).")
+    apos = _per_prompt(answer_pos, B, "answer_pos")
+    if np.any((apos < -T) | (apos >= T)):
+        raise InputError(f"answer_pos must lie in [-{T}, {T}) for prompts of {T} tokens.")
+    apos = apos % T
+    c = _site(site, model)
+    if patches is not None:
+        if by is not None:
+            raise InputError("Give either by= or patches=, not both.")
+        spec = _sweep.from_rows(cfg, c, patches, T)
+    else:
+        spec = _sweep.grid(cfg, c, by or DEFAULT_AXES.get(c, ("layer",)), T)
+
+    # --- the two reference runs and the run being patched -------------------------------------
+    capture = _RUN_SITES | {c}
+    t0 = time.perf_counter()
+    clean_logits, clean_caps = model.run(clean, capture=capture)
+    clean_ivs = NONE
+    noise_iv = None
+    if baseline == "noise":
+        if noise_positions is None:
+            raise InputError("baseline='noise' needs noise_positions= (e.g. the subject tokens' positions).")
+        noise_iv = embedding_noise(model, B, T, noise_positions, noise_scale, n_noise, seed)
+        rep = n_noise
+        corrupt = jnp.tile(clean, (rep, 1))
+    else:
+        rep = sets or 1
+    corrupt_caps = corrupt_logits = None
+    if corrupt_tokens is not None or baseline == "noise":
+        corrupt_logits, corrupt_caps = model.run(corrupt, noise_iv, capture=capture)
+
+    tile = lambda x: jnp.tile(x, (rep,) + (1,) * (np.ndim(x) - 1))  # noqa: E731  prompt-axis tiling
+    rows = lambda lg: jnp.take_along_axis(lg, jnp.asarray(np.tile(apos, rep))[:, None, None], axis=1)[:, 0]  # noqa: E731
+    ctx = {
+        "answer_pos": jnp.asarray(np.tile(apos, rep)),
+        "answer": jnp.asarray(np.tile(ans, rep)),
+        "wrong": jnp.asarray(np.tile(wr, rep)),
+        "clean_logprobs": jax.nn.log_softmax(rows(jnp.tile(clean_logits, (rep, 1, 1))).astype(jnp.float32), -1),
+    }
+    m_clean = _metrics.compute(names, rows(jnp.tile(clean_logits, (rep, 1, 1))), ctx["answer"], ctx["wrong"], ctx["clean_logprobs"])
+    m_corrupt = None
+    if corrupt_logits is not None:
+        m_corrupt = _metrics.compute(names, rows(corrupt_logits), ctx["answer"], ctx["wrong"], ctx["clean_logprobs"])
+
+    src_stacked = True
+    if direction == "denoise":  # run the corrupted prompt, patch in clean activations
+        run_caps, run_ivs = corrupt_caps, (noise_iv or NONE)
+        source = jax.tree_util.tree_map(lambda a: jnp.tile(a, (1, rep) + (1,) * (a.ndim - 2)), clean_caps[c])
+    else:  # run the clean prompt (tiled per corrupted set / noise sample), patch in corrupted activations
+        run_caps = {k: jnp.tile(v, (1, rep) + (1,) * (v.ndim - 2)) for k, v in clean_caps.items()}
+        run_ivs = NONE
+        if baseline in ("resample", "noise"):
+            source = corrupt_caps[c]
+        elif baseline == "mean":
+            ref = reference_tokens if reference_tokens is not None else (corrupt if corrupt_tokens is not None else clean)
+            ref = check_tokens(cfg, ref)
+            if ref.shape[1] != T:
+                raise InputError(f"reference_tokens have {ref.shape[1]} positions; the prompts have {T}.")
+            source = jnp.mean(model.run(ref, capture={c})[1][c], axis=1, keepdims=True)
+        else:  # zero
+            source, src_stacked = jnp.zeros((), model.dtype), False
+    run_cache = {"resid": run_caps["blocks.hook_resid_pre"], "k": run_caps["blocks.attn.hook_k"], "v": run_caps["blocks.attn.hook_v"]}
+    setup_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    out, pl = _sweep.run(cfg, model.params, spec, run_cache, source, src_stacked, names, ctx, T, run_ivs=run_ivs,
+                     chunk_size=chunk_size, mesh=mesh, position_buckets=position_buckets)
+    out = np.asarray(out)  # [P, M, rep*B]: the one host transfer
+    sweep_s = time.perf_counter() - t0
+
+    M = len(names)
+    per = out.reshape((spec.size, M, rep, B))
+    mc = np.asarray(m_clean).reshape(M, rep, B)[:, 0]
+    mk = None if m_corrupt is None else np.asarray(m_corrupt).reshape(M, rep, B)
+    axes, shape = spec.grid_axes, spec.grid_shape
+    if sets is not None and baseline == "resample":
+        per = np.moveaxis(per, 2, 0).reshape((sets,) + shape + (M, B))
+        axes, shape = ("corrupt_set",) + axes, (sets,) + shape
+        mk = np.moveaxis(mk, 1, 0)  # [sets, M, B]
+    else:  # noise samples count as extra prompts
+        per = per.reshape(shape + (M, rep * B))
+        mc = np.tile(mc, (1, rep))
+        mk = None if mk is None else mk.reshape(M, rep * B)
+    labels = _labels(axes, shape, np.asarray(clean[0]), token_labels)
+    info = {"setup_s": setup_s, "sweep_s": sweep_s, "n_patches": spec.size, "batch": B, "chunk_size": pl.chunk,
+            "executed_rows": _sweep.executed_rows(pl, cfg.n_layers, T), "minimal_rows": _sweep.minimal_rows(spec, cfg.n_layers, T)}
+    return PatchResult(c, direction, baseline, tuple(_metrics.name_of(n) for n in names), axes, labels, per, mc, mk, info)
+
+
+def _labels(axes, shape, first_prompt, token_labels) -> dict[str, list[str]]:
+    out = {}
+    for a, n in zip(axes, shape):
+        if a == "layer":
+            out[a] = [f"L{i}" for i in range(n)]
+        elif a == "head":
+            out[a] = [f"H{i}" for i in range(n)]
+        elif a == "neuron":
+            out[a] = [f"N{i}" for i in range(n)]
+        elif a in ("pos", "dest_pos", "src_pos"):
+            toks = None
+            if token_labels is not None:
+                ids = first_prompt.tolist()
+                toks = token_labels(ids) if callable(token_labels) else [token_labels[i] for i in ids]
+            out[a] = [f"{i}:{toks[i]}" if toks else str(i) for i in range(n)]
+        elif a == "corrupt_set":
+            out[a] = [f"set{i}" for i in range(n)]
+    return out
