@@ -98,7 +98,7 @@ def activation_patch(
     token_labels: Callable | Sequence[str] | None = None,
     chunk_size: int | None = None,
     mesh="auto",
-    position_buckets: int = 4,
+    position_buckets: int | str = "auto",
 ) -> PatchResult:
     """Patch every component of a sweep and measure several metrics, in one compiled program.
 
@@ -129,7 +129,8 @@ def activation_patch(
         token_labels: a vocabulary list or ``ids -> strings`` function to label positions.
         chunk_size: patches per vectorised chunk (memory/speed knob).
         mesh: ``"auto"`` shards the sweep over all local devices; ``None`` forces one device.
-        position_buckets: static position offsets for prefix reuse (1 disables).
+        position_buckets: static position offsets for prefix reuse (1 disables; ``"auto"`` weighs
+            compile time against FLOPs saved).
 
     Returns:
         a :class:`PatchResult`.

@@ -195,6 +195,39 @@ def plan(sweep: Sweep, n_layers: int, n_pos: int, max_offset: int, chunk: int, n
     return Plan(padded, chunk_start, chunk_bucket, offsets, chunk, n)
 
 
+#: Rough costs used by :func:`auto_buckets`: seconds to compile one more bucket branch, and a
+#: conservative sustained FLOP rate. Only the ratio matters; measured on a 2-core CPU.
+BUCKET_COMPILE_S = 0.6
+ASSUMED_FLOPS = 1.5e11
+
+
+def auto_buckets(config: ModelConfig, sweep: Sweep, batch: int, n_pos: int, max_offset: int) -> int:
+    """Pick 1, 2 or 4 position buckets: minimise (compile time of the branches + estimated run
+    time). Sweeps without a position index always get 1."""
+    if max_offset == 0 or len(np.unique(_pos_key(sweep))) <= 1:
+        return 1
+    layer = np.asarray(sweep.index["layer"])
+    layer = layer.min(axis=1) if layer.ndim == 2 else layer
+    nh = config.n_heads * config.d_head
+    row = 8 * config.d_model * nh + 4 * config.d_model * config.d_mlp + 4 * nh * n_pos
+    run_1 = float(np.sum(config.n_layers - layer)) * n_pos * batch * row / ASSUMED_FLOPS
+    cost = {nb: nb * BUCKET_COMPILE_S + run_1 * (nb + 1) / (2 * nb) for nb in (1, 2, 4)}
+    return min(cost, key=cost.get)
+
+
+def default_chunk_size(sweep: Sweep, batch: int, n_pos: int, position_buckets: int, target_rows: int = 2048) -> int:
+    """Patches per chunk: about ``target_rows`` token rows per matmul (where this CPU's matmuls are
+    most efficient), never mixing layers when a layer has enough patches, and small enough that
+    position buckets can skip prefixes when the sweep indexes positions."""
+    layer = np.asarray(sweep.index["layer"])
+    layer = layer.min(axis=1) if layer.ndim == 2 else layer
+    per_layer = int(np.bincount(layer).max())
+    c = min(max(1, target_rows // max(1, batch * n_pos)), per_layer)
+    if position_buckets > 1 and len(np.unique(_pos_key(sweep))) > 1:
+        c = min(c, max(1, math.ceil(per_layer / position_buckets)))
+    return c
+
+
 def executed_rows(p: Plan, n_layers: int, n_pos: int) -> int:
     """Block-row evaluations the plan executes: patches x layers run x positions recomputed."""
     offs = np.asarray(p.offsets)[p.chunk_bucket]
@@ -296,7 +329,7 @@ def run(
     run_ivs: Interventions = NONE,
     chunk_size: int | None = None,
     mesh: Mesh | None | str = "auto",
-    position_buckets: int = 4,
+    position_buckets: int | str = "auto",
 ) -> jax.Array:
     """Run every patch of ``sweep``: ``(metric values [P, M, B] in the sweep's order, Plan)``.
 
@@ -311,21 +344,24 @@ def run(
         mesh: ``"auto"`` (all local devices), ``None`` (one device) or a 1-D ``Mesh`` with axis
             ``"sweep"``.
         position_buckets: how many static position offsets a chunk may start from (1 disables
-            position-prefix reuse).
+            position-prefix reuse; each bucket is one more compiled branch). ``"auto"`` weighs the
+            extra compile time against the FLOPs saved (see :func:`auto_buckets`).
     """
     check(sweep, config, n_pos)
     if mesh == "auto":
         mesh = default_mesh()
     n_dev = 1 if mesh is None else mesh.size
     B = int(np.shape(ctx["answer_pos"])[0]) if "answer_pos" in ctx else 1
-    if chunk_size is None:
-        chunk_size = max(1, 2048 // max(1, B * n_pos))
     if isinstance(metric, CustomMetric):
         max_offset = n_pos - 1 if metric.last_only else 0
     else:
         max_offset = int(np.min(np.asarray(ctx["answer_pos"])))
-    if position_buckets < 1:
-        raise InputError("position_buckets must be >= 1.")
+    if position_buckets == "auto":
+        position_buckets = auto_buckets(config, sweep, B, n_pos, max_offset)
+    if not isinstance(position_buckets, int) or position_buckets < 1:
+        raise InputError(f"position_buckets must be 'auto' or an int >= 1, got {position_buckets!r}.")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(sweep, B, n_pos, position_buckets)
     pl = plan(sweep, config.n_layers, n_pos, max_offset, chunk_size, n_dev, position_buckets)
     n_chunks = len(pl.chunk_start)
     idx = {a: jnp.asarray(np.asarray(v)[pl.order].reshape((n_chunks, pl.chunk) + np.shape(v)[1:])) for a, v in sweep.index.items()}

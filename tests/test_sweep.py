@@ -86,7 +86,7 @@ def test_sweep_equals_python_loop(model, prompts, site, by, direction):
             direction=direction, answer=ans, wrong=wrong, mesh=None)
     else:
         r = jaxpatch.activation_patch(model, clean, corrupt, site=site, by=by, direction=direction,
-                                      answer=ans, wrong=wrong, mesh=None)
+                                      answer=ans, wrong=wrong, mesh=None, position_buckets=3)
         spec = sw.grid(model.config, r.site, by, 8)
     run, src = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
     expected = loop_twin(model, run, src, r.site, spec, ans, wrong)

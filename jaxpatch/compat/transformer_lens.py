@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -35,7 +36,8 @@ _RUN_SITES = frozenset({"blocks.hook_resid_pre", "blocks.attn.hook_k", "blocks.a
 
 def _probe_metric(metric, logits) -> bool:
     """Check the metric returns a scalar; return whether it reads only the last position."""
-    out = jnp.asarray(metric(logits))
+    shape = jax.eval_shape(metric, logits)
+    out = jax.ShapeDtypeStruct(getattr(shape, "shape", ()), getattr(shape, "dtype", jnp.float32))
     if out.shape != ():
         raise InputError(
             f"patching_metric must return a scalar (as in TransformerLens); it returned shape {out.shape}. "
@@ -43,8 +45,9 @@ def _probe_metric(metric, logits) -> bool:
         )
     if not jnp.issubdtype(out.dtype, jnp.floating) and not jnp.issubdtype(out.dtype, jnp.integer):
         raise InputError(f"patching_metric must return a number, got dtype {out.dtype}.")
-    masked = logits.at[:, :-1].set(jnp.nan)
-    return bool(jnp.isfinite(jnp.asarray(metric(masked), jnp.float32)))
+    # One compiled evaluation (not a string of eager ops): NaN everywhere but the last position.
+    probe = jax.jit(lambda lg: jnp.isfinite(jnp.asarray(metric(lg.at[:, :-1].set(jnp.nan)), jnp.float32)))
+    return bool(probe(logits))
 
 
 def generic_activation_patch(model: HookedModel, corrupted_tokens, clean_cache: ActivationCache, patching_metric,

@@ -22,7 +22,9 @@ its seed.
 Prompts for patching experiments come from :func:`induction_prompts`: a *clean* prompt
 ``<bos> A A[:-1]`` whose answer is ``A[-1]``, and a *corrupt* prompt ``<bos> B A[:-1]`` in which the
 first copy is replaced by different words, so induction has nothing to copy and ``A[-1]`` (which
-appears nowhere in the corrupt prompt) is no longer predictable.
+appears nowhere in the corrupt prompt) is no longer predictable. (Training sequences were
+``<bos> F A A G`` with a random-length prefix ``F`` of other words, so "the word seen once but not
+yet twice" is not a usable shortcut; ``induction_prompts(..., prefix=k)`` builds such prompts.)
 
 Example::
 
@@ -139,20 +141,23 @@ def _distinct_words(rng: np.random.Generator, rows: int, n: int, n_words: int, e
     return (np.argsort(keys, axis=1)[:, :n] + 1).astype(np.int32)
 
 
-def make_prompts(rng: np.random.Generator, n_prompts: int, n: int, n_words: int):
+def make_prompts(rng: np.random.Generator, n_prompts: int, n: int, n_words: int, prefix: int = 0):
     """The prompt generator behind :func:`induction_prompts`, given a vocabulary of ``n_words``
     words (ids ``1..n_words``) plus BOS (id 0). Returns ``(clean, corrupt, answers, wrong)``."""
-    if not 2 <= n <= n_words // 2:
-        raise InputError(f"n must lie in [2, {n_words // 2}] (half the {n_words}-word vocabulary), got {n}.")
-    a = _distinct_words(rng, n_prompts, n, n_words)
-    b = _distinct_words(rng, n_prompts, n, n_words, exclude=a)
+    if n < 2 or prefix < 0 or prefix + 2 * n > n_words:
+        raise InputError(
+            f"Need n >= 2, prefix >= 0 and prefix + 2n <= {n_words} (the number of words); got n={n}, prefix={prefix}."
+        )
+    fa = _distinct_words(rng, n_prompts, prefix + n, n_words)
+    b = _distinct_words(rng, n_prompts, n, n_words, exclude=fa)
+    f, a = fa[:, :prefix], fa[:, prefix:]
     bos = np.full((n_prompts, 1), BOS_ID, np.int32)
-    clean = np.concatenate([bos, a, a[:, :-1]], axis=1)
-    corrupt = np.concatenate([bos, b, a[:, :-1]], axis=1)
+    clean = np.concatenate([bos, f, a, a[:, :-1]], axis=1)
+    corrupt = np.concatenate([bos, f, b, a[:, :-1]], axis=1)
     return clean, corrupt, a[:, -1].copy(), b[:, -1].copy()
 
 
-def induction_prompts(n_prompts: int, seed: int = 0, n: int | None = None):
+def induction_prompts(n_prompts: int, seed: int = 0, n: int | None = None, prefix: int = 0):
     """Clean/corrupt prompt pairs for the induction task, deterministic from ``seed``.
 
     With ``A`` and ``B`` rows of ``n`` distinct random words, ``B`` disjoint from ``A``:
@@ -166,28 +171,33 @@ def induction_prompts(n_prompts: int, seed: int = 0, n: int | None = None):
       ``logit[answer] - logit[wrong]`` that is large on clean prompts and near zero (or negative)
       on corrupt ones.
 
+    Note that in the clean layout the answer is also the only word seen once but not yet twice;
+    ``prefix > 0`` puts that many further distinct words ``F`` (shared by clean and corrupt, disjoint
+    from ``A`` and ``B``) right after ``<bos>`` (``<bos> F A A[:-1]``), so that shortcut no longer
+    singles out the answer and only induction does. The model was trained with such prefixes.
+
     Args:
         n_prompts: number of prompt pairs.
         seed: NumPy seed.
-        n: length of the repeated word sequence (default: ``task.json``'s ``n``); prompts have
-            ``2n`` tokens.
+        n: length of the repeated word sequence (default: ``task.json``'s ``n``).
+        prefix: number of distinct distractor words before the first copy (default 0).
 
     Returns:
-        ``(clean [P, 2n] int32, corrupt [P, 2n] int32, answers [P] int32, wrong_answers [P] int32)``.
+        ``(clean [P, 1+prefix+2n-1] int32, corrupt [same], answers [P] int32, wrong_answers [P] int32)``.
     """
     if n is None:
         n = int(load_task()["n"])
-    return make_prompts(np.random.default_rng(seed), n_prompts, n, len(_vocab()) - 1)
+    return make_prompts(np.random.default_rng(seed), n_prompts, n, len(_vocab()) - 1, prefix)
 
 
-def head_scores(model, tokens, n: int) -> tuple[np.ndarray, np.ndarray]:
+def head_scores(model, tokens, n: int, prefix: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Per-head ``(prev_token, induction)`` attention scores, each ``[n_layers, n_heads]``.
 
-    ``tokens`` are ``<bos> A A`` sequences (``[B, 2n + 1]``; a prompt from
+    ``tokens`` are ``<bos> F A A`` sequences (``[B, 1 + prefix + 2n]``; a clean prompt from
     :func:`induction_prompts` with its answer appended). The previous-token score is the mean
     attention from position ``i`` to ``i - 1`` (``i >= 1``); the induction score is the mean
-    attention from each word of the second copy (position ``n + 1 + j``) to the position after its
-    earlier occurrence (``j + 2``).
+    attention from each word of the second copy (position ``prefix + n + 1 + j``) to the position
+    after its earlier occurrence (``prefix + j + 2``).
     """
     _, caps = model.run(tokens, capture=("blocks.attn.hook_pattern",))
     pattern = np.asarray(caps["blocks.attn.hook_pattern"], np.float32)  # [L, B, N, T, T]
@@ -195,7 +205,7 @@ def head_scores(model, tokens, n: int) -> tuple[np.ndarray, np.ndarray]:
     i = np.arange(1, T)
     prev = pattern[..., i, i - 1].mean(axis=(1, 3))
     j = np.arange(n)
-    q, k = n + 1 + j, j + 2
+    q, k = prefix + n + 1 + j, prefix + j + 2
     q, k = q[q < T], k[q < T]
     ind = pattern[..., q, k].mean(axis=(1, 3))
     return prev, ind
