@@ -50,6 +50,8 @@ class Edit:
         mask: optional bool array broadcastable to the activation, ANDed with the indices.
         value: replacement, broadcastable to the activation; ``None`` for no replacement.
         delta: addition, broadcastable to the activation; ``None`` for no addition.
+        grad_scale: optional factor on the *gradient* flowing back through the selected entries;
+            the forward value is unchanged (0 stops the gradient: AtP*'s GradDrop).
         stacked: whether value/delta/mask carry a leading ``n_layers`` axis (static).
         paired: if True, ``layers`` and every ``index`` array are 1-D of one length K and the edit
             selects the K tuples ``(layers[k], index[a][k] for each axis a)`` (a set of components
@@ -63,17 +65,18 @@ class Edit:
     delta: Array | None = None
     stacked: bool = False
     paired: bool = False
+    grad_scale: Array | None = None
 
     def tree_flatten(self):
         keys = tuple(sorted(self.index))
-        children = (self.layers, tuple(self.index[k] for k in keys), self.mask, self.value, self.delta)
+        children = (self.layers, tuple(self.index[k] for k in keys), self.mask, self.value, self.delta, self.grad_scale)
         return children, (keys, self.stacked, self.paired)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
         keys, stacked, paired = aux
-        layers, idx, mask, value, delta = children
-        return cls(layers, dict(zip(keys, idx)), mask, value, delta, stacked, paired)
+        layers, idx, mask, value, delta, grad_scale = children
+        return cls(layers, dict(zip(keys, idx)), mask, value, delta, stacked, paired, grad_scale)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -333,7 +336,31 @@ def apply_edits(
             _check_broadcast("delta", canonical, delta, act.shape)
             delta = delta.astype(act.dtype)
             act = act + (delta if sel is None else jnp.where(sel, delta, jnp.zeros((), act.dtype)))
+        if e.grad_scale is not None:
+            scale = jnp.asarray(prep(e.grad_scale), act.dtype)
+            act = grad_gate(act, scale if sel is None else jnp.where(sel, scale, jnp.ones((), act.dtype)))
     return act
+
+
+@jax.custom_vjp
+def grad_gate(x, scale):
+    """Identity on the forward pass; multiplies the incoming gradient by ``scale`` on the way back.
+
+    The forward value never depends on ``scale``, so vmapping over several scales (one per
+    GradDrop layer) shares one forward pass and batches only the backward.
+    """
+    return x
+
+
+def _gate_fwd(x, scale):
+    return x, scale
+
+
+def _gate_bwd(scale, ct):
+    return (ct * scale).astype(ct.dtype), jnp.zeros_like(scale)
+
+
+grad_gate.defvjp(_gate_fwd, _gate_bwd)
 
 
 def _paired_selection(e: Edit, axes, shape, layer, pos_offset, sel):

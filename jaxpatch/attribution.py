@@ -1,0 +1,293 @@
+"""Attribution patching: first-order estimates of every patch at once (Nanda 2023; AtP* of Kramár
+et al. 2024, arXiv 2403.00745).
+
+AtP estimates the effect of patching activation ``a`` from the run's value to the source's as
+``(a_src - a_run) · ∂metric/∂a``, summed over the component's entries. The gradients come from ONE
+backward pass with respect to zero-valued deltas added at every requested site (the forward is
+unchanged), not hooks and not one pass per site.
+
+AtP* adds two corrections:
+
+* **QK fix.** For queries and keys, the attention softmax is recomputed exactly for the patched
+  scores and only the map from the pattern to the metric is linearised:
+  ``(pattern_patched - pattern_run) · ∂metric/∂pattern``. Plain AtP misses patches that move a
+  saturated softmax.
+* **GradDrop.** For each layer l, the gradient is recomputed with the backward flow through layer
+  l's reads of the residual stream (its two layer norms) stopped; the estimate is
+  ``Σ_l |AtP_{-l}(n)| / (L - 1)``, which exposes components whose direct and indirect effects
+  cancel. The L variants share one forward pass (:func:`~jaxpatch.interventions.grad_gate`); only
+  the backward is batched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from functools import partial
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import metrics as _metrics
+from ._errors import InputError
+from .interventions import NONE, Edit, Interventions
+from .model import HookedModel, check_tokens
+from .models import gpt2
+from .patching import DEFAULT_AXES, _labels, _per_prompt, _site
+from .results import PatchResult
+from .sites import SITES
+from .sweep import GRID_AXES
+
+_QK = ("blocks.attn.hook_q", "blocks.attn.hook_k")
+_GD_SITES = ("blocks.ln1.hook_scale", "blocks.ln1.hook_normalized", "blocks.ln2.hook_scale", "blocks.ln2.hook_normalized")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One estimate to produce: a site and the grid axes to resolve it by."""
+
+    site: str
+    axes: tuple[str, ...]
+
+
+def _metric_fn(metric):
+    names = _metrics.check_names(metric)
+    if len(names) != 1:
+        raise InputError("Attribution takes exactly one metric (its gradient is what is propagated).")
+    if isinstance(names[0], str) and names[0] in _metrics.DISCRETE or (isinstance(names[0], str) and names[0].startswith("top")):
+        raise InputError(
+            f"Metric {names[0]!r} is piecewise constant (its gradient is zero almost everywhere): "
+            "attribution needs a differentiable metric such as 'logit_diff', 'logprob', 'prob' or 'kl'."
+        )
+    return names
+
+
+@partial(jax.jit, static_argnames=("config", "sites", "names", "drop"))
+def _run_and_grad(config, params, tokens, ctx, *, sites, names, drop):
+    """Metric per prompt, the run's activations at ``sites`` and ∂(Σ metric)/∂activation there.
+
+    With ``drop`` the gradients get a leading ``[n_layers]`` axis: variant l stops the backward
+    flow through layer l's layer-norm reads (GradDrop); the forward pass is shared.
+    """
+    B, T = tokens.shape
+    L = config.n_layers
+
+    def f(deltas, gates):
+        edits = {s: (Edit(delta=d, stacked=True),) for s, d in deltas.items()}
+        if gates is not None:
+            for s in _GD_SITES:
+                edits[s] = edits.get(s, ()) + (Edit(grad_scale=jnp.reshape(gates, (L,) + (1,) * 3), stacked=True),)
+        logits, caps = gpt2.forward(config, params, tokens, Interventions(edits), frozenset(sites))
+        rows = jnp.take_along_axis(logits, ctx["answer_pos"][:, None, None], axis=1)[:, 0]
+        m = _metrics.compute(names, rows, ctx["answer"], ctx.get("wrong"), ctx.get("clean_logprobs"))[0]
+        return jnp.sum(m), (m, caps)
+
+    shapes = {s: (L,) + SITES[s].shape(config, B, T) for s in sites}
+    zeros = {s: jnp.zeros(shp, params["W_E"].dtype) for s, shp in shapes.items()}
+    if not drop:
+        grads, (m, caps) = jax.grad(f, has_aux=True)(zeros, None)
+        return m, caps, grads
+    (m, caps) = f(zeros, None)[1]
+    gates = 1.0 - jnp.eye(L, dtype=params["W_E"].dtype)  # row l: drop layer l
+    grads = jax.vmap(lambda g: jax.grad(f, has_aux=True)(zeros, g)[0])(gates)
+    return m, caps, grads
+
+
+def _reduce(prod, site: str, axes: tuple[str, ...]):
+    """Sum an elementwise product ``[L, B, ...site axes]`` down to ``[*grid, B]``."""
+    site_axes = ("layer",) + SITES[site].axes
+    keep = [site_axes.index(GRID_AXES[a]) for a in axes] + [site_axes.index("batch")]
+    drop = tuple(i for i in range(len(site_axes)) if i not in keep)
+    out = jnp.sum(prod, axis=drop)
+    remaining = [i for i in range(len(site_axes)) if i not in drop]
+    return jnp.transpose(out, [remaining.index(k) for k in keep])
+
+
+def _pattern_from(q, k, d_head):
+    """Causal attention pattern ``[L, B, N, T, S]`` from q ``[L,B,T,N,H]`` and k ``[L,B,S,N,H]``."""
+    T = q.shape[2]
+    s = jnp.einsum("LBTNH,LBSNH->LBNTS", q, k) / math.sqrt(d_head)
+    causal = jnp.tril(jnp.ones((1, 1, 1, T, T), bool))
+    return jax.nn.softmax(jnp.where(causal, s, -jnp.inf), axis=-1), s
+
+
+def _leave_one_out(a, g, neutral):
+    """For every s along the last axis: ``(m, Σ_{j≠s} exp(a_j - m) g_j, Σ_{j≠s} exp(a_j - m))``."""
+
+    def combine(x, y):
+        m = jnp.maximum(x[0], y[0])
+        ex, ey = jnp.exp(x[0] - m), jnp.exp(y[0] - m)
+        return m, x[1] * ex + y[1] * ey, x[2] * ex + y[2] * ey
+
+    axis = a.ndim - 1
+    elems = (a, g, jnp.ones_like(a))
+    pre = jax.lax.associative_scan(combine, elems, axis=axis)
+    suf = jax.lax.associative_scan(combine, elems, axis=axis, reverse=True)
+    pad = lambda v, fill: jnp.full(v.shape[:-1] + (1,), fill, v.dtype)  # noqa: E731
+    shift_r = lambda v, fill: jnp.concatenate([pad(v, fill), v[..., :-1]], axis=-1)  # noqa: E731
+    shift_l = lambda v, fill: jnp.concatenate([v[..., 1:], pad(v, fill)], axis=-1)  # noqa: E731
+    left = (shift_r(pre[0], neutral), shift_r(pre[1], 0.0), shift_r(pre[2], 0.0))
+    right = (shift_l(suf[0], neutral), shift_l(suf[1], 0.0), shift_l(suf[2], 0.0))
+    return combine(left, right)
+
+
+def _qk_fix(site, axes, run, src, g_pattern, d_head):
+    """QK-fixed estimate ``[*grid, B]`` for a q or k site: exact softmax, linear after it.
+
+    ``run``/``src``: dicts with q, k stacked ``[L, B, T, N, H]``; ``g_pattern``: ∂m/∂pattern
+    ``[L, B, N, T, S]``.
+    """
+    p_run, s_run = _pattern_from(run["q"], run["k"], d_head)
+    by_pos = "pos" in axes
+    T = run["q"].shape[2]
+    causal = jnp.tril(jnp.ones((1, 1, 1, T, T), bool))
+    if site == "blocks.attn.hook_q":
+        p_new, _ = _pattern_from(src["q"], run["k"], d_head)  # every query row patched
+        dp_g = jnp.sum((p_new - p_run) * g_pattern, axis=-1)  # [L, B, N, T]: row t alone is patch (t)
+        est = dp_g if by_pos else jnp.sum(dp_g, axis=-1, keepdims=True)
+    else:
+        if not by_pos:
+            p_new, _ = _pattern_from(run["q"], src["k"], d_head)
+            est = jnp.sum((p_new - p_run) * g_pattern, axis=(-1, -2))[..., None]
+        else:
+            # Patch key s only: column s of every row's scores changes to c[t, s].
+            # Softmax with one logit replaced, in closed form and O(T^2): with a the run's scores
+            # and c_ts the patched score of key s, the new pattern puts mass exp(c_ts)/Z' on s and
+            # spreads the rest over j≠s in proportion to exp(a_tj). Leave-one-out sums over j≠s
+            # come from prefix and suffix scans of (max, Σ exp(a-max)·g, Σ exp(a-max)), so a
+            # saturated entry (p_ts ≈ 1, or scores ~1e4) loses no precision and never overflows,
+            # and an unchanged key (c = a) gives no change up to rounding.
+            c = jnp.einsum("LBTNH,LBSNH->LBNTS", run["q"], src["k"]) / math.sqrt(d_head)
+            big_neg = jnp.asarray(jnp.finfo(s_run.dtype).min / 4, s_run.dtype)  # not -inf: no inf-inf
+            a = jnp.where(causal, s_run, big_neg)
+            g = jnp.where(causal, g_pattern, 0.0)
+            logz = jax.nn.logsumexp(a, axis=-1, keepdims=True)  # [L,B,N,T,1]
+            p_run = jnp.exp(a - logz)
+            m_ex, g_ex, z_ex = _leave_one_out(a, g, big_neg)
+            log_rest = m_ex + jnp.log(z_ex)  # log Σ_{j≠s} exp(a_tj)
+            g_rest = jnp.where(z_ex > 0, g_ex / jnp.where(z_ex > 0, z_ex, 1.0), 0.0)  # mean of g over j≠s
+            logz_new = jnp.logaddexp(log_rest, c)
+            new = jnp.exp(log_rest - logz_new) * g_rest + jnp.exp(c - logz_new) * g
+            old = jnp.sum(p_run * g, axis=-1, keepdims=True)
+            delta = new - old
+            est = jnp.sum(jnp.where(causal, delta, 0.0), axis=-2)  # sum over queries t -> [L,B,N,S]
+    # est: [L, B, N, X] with X = pos (or 1 for all positions); reorder to the grid.
+    est = jnp.transpose(est, (0, 3, 2, 1))  # [L, X, N, B]
+    if not by_pos:
+        est = est[:, 0]  # [L, N, B]
+    order = {"layer": 0, "pos": 1, "head": 2} if by_pos else {"layer": 0, "head": 1}
+    perm = [order[a] for a in axes] + [len(order)]
+    return jnp.transpose(est, perm)
+
+
+def attribution_patch(
+    model: HookedModel,
+    clean_tokens,
+    corrupt_tokens,
+    *,
+    targets: Sequence[tuple[str, Sequence[str] | None]] | None = None,
+    site: str = "resid_pre",
+    by: Sequence[str] | None = None,
+    direction: str = "denoise",
+    method: str = "atp",
+    metric="logit_diff",
+    answer=None,
+    wrong=None,
+    answer_pos=-1,
+    token_labels=None,
+):
+    """Estimate every patch of one or several sweeps from gradients (see module docstring).
+
+    Args:
+        model, clean_tokens, corrupt_tokens, direction, answer, wrong, answer_pos, token_labels:
+            as for :func:`jaxpatch.activation_patch`.
+        site, by: one target (default residual stream by layer x position).
+        targets: several targets at once, ``[(site, by), ...]``; all share one backward pass.
+        method: ``"atp"`` (plain), ``"atp*"`` (QK fix + GradDrop), or ``"atp+qk"`` (QK fix only).
+        metric: one differentiable metric name or a callable of answer-position logits -> [batch].
+
+    Returns:
+        a :class:`PatchResult` (one target) or a dict ``site/by -> PatchResult`` (several), whose
+        ``values`` are the *estimated* metric after each patch (the run's metric plus the
+        estimated change), so they compare directly with :func:`jaxpatch.activation_patch`.
+        For ``atp*`` the GradDrop estimate is unsigned (a magnitude used for ranking).
+    """
+    if direction not in ("denoise", "noise"):
+        raise InputError(f"direction must be 'denoise' or 'noise', got {direction!r}.")
+    if method not in ("atp", "atp*", "atp+qk"):
+        raise InputError(f"method must be 'atp', 'atp+qk' or 'atp*', got {method!r}.")
+    names = _metric_fn(metric)
+    cfg = model.config
+    clean = check_tokens(cfg, clean_tokens)
+    corrupt = check_tokens(cfg, corrupt_tokens)
+    if clean.shape != corrupt.shape:
+        raise InputError(f"clean_tokens {tuple(clean.shape)} and corrupt_tokens {tuple(corrupt.shape)} must have the same shape.")
+    B, T = clean.shape
+    if answer is None:
+        raise InputError("Give answer= (the correct next token per prompt) for the metric.")
+    ans = _per_prompt(answer, B, "answer")
+    if _metrics.needs_wrong(names) and wrong is None:
+        raise InputError("Metric 'logit_diff' needs wrong= (the contrast token per prompt).")
+    wr = _per_prompt(wrong if wrong is not None else answer, B, "wrong")
+    apos = _per_prompt(answer_pos, B, "answer_pos") % T
+    single = targets is None
+    tlist = [Target(_site(site, model), tuple(by or DEFAULT_AXES.get(_site(site, model))))] if single else [
+        Target(_site(s, model), tuple(b or DEFAULT_AXES.get(_site(s, model)))) for s, b in targets]
+    for t in tlist:
+        for a in t.axes:
+            if a not in GRID_AXES or (a != "layer" and GRID_AXES[a] not in SITES[t.site].axes):
+                raise InputError(f"Cannot attribute {t.site!r} by {a!r}; its axes are {SITES[t.site].axes}.")
+        if t.site in ("blocks.attn.hook_pattern", "blocks.attn.hook_attn_scores") and "pos" in t.axes:
+            raise InputError("Attention-pattern attribution is by 'dest_pos'/'src_pos', not 'pos'.")
+    qk = method in ("atp*", "atp+qk")
+    sites = {t.site for t in tlist}
+    if qk and sites & set(_QK):
+        sites |= {"blocks.attn.hook_q", "blocks.attn.hook_k", "blocks.attn.hook_pattern"}
+    sites = tuple(sorted(sites))
+
+    t0 = time.perf_counter()
+    run_tokens, src_tokens = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
+    clean_logits = model(clean)
+    rows = lambda lg: jnp.take_along_axis(lg, jnp.asarray(apos)[:, None, None], axis=1)[:, 0]  # noqa: E731
+    ctx = {"answer_pos": jnp.asarray(apos), "answer": jnp.asarray(ans), "wrong": jnp.asarray(wr),
+           "clean_logprobs": jax.nn.log_softmax(rows(clean_logits).astype(jnp.float32), -1)}
+    grad_dtype = jax.eval_shape(lambda: _metrics.compute(names, rows(clean_logits), ctx["answer"], ctx["wrong"], ctx["clean_logprobs"]))
+    if not jnp.issubdtype(grad_dtype.dtype, jnp.floating):
+        raise InputError(f"Metric returns {grad_dtype.dtype}; attribution needs a floating, differentiable metric.")
+    m_run, run_caps, grads = _run_and_grad(cfg, model.params, run_tokens, ctx, sites=sites, names=names, drop=False)
+    _, src_caps = model.run(src_tokens, capture=sites)
+    gd = None
+    if method == "atp*":
+        if cfg.n_layers < 2:
+            raise InputError("GradDrop needs at least 2 layers.")
+        _, _, gd = _run_and_grad(cfg, model.params, run_tokens, ctx, sites=sites, names=names, drop=True)
+    m_clean = _metrics.compute(names, rows(clean_logits), ctx["answer"], ctx["wrong"], ctx["clean_logprobs"])
+    m_corrupt = _metrics.compute(names, rows(model(corrupt)), ctx["answer"], ctx["wrong"], ctx["clean_logprobs"])
+
+    def estimate(t: Target, g):
+        if qk and t.site in _QK:
+            qk_run = {"q": run_caps["blocks.attn.hook_q"], "k": run_caps["blocks.attn.hook_k"]}
+            qk_src = {"q": src_caps["blocks.attn.hook_q"], "k": src_caps["blocks.attn.hook_k"]}
+            return _qk_fix(t.site, t.axes, qk_run, qk_src, g["blocks.attn.hook_pattern"], cfg.d_head)
+        return _reduce((src_caps[t.site] - run_caps[t.site]) * g[t.site], t.site, t.axes)
+
+    results = {}
+    elapsed = time.perf_counter() - t0
+    for t in tlist:
+        est = estimate(t, grads)
+        if gd is not None:
+            per_drop = jax.vmap(lambda g: estimate(t, g))(gd)  # [L, *grid, B]
+            est = jnp.sum(jnp.abs(per_drop), axis=0) / (cfg.n_layers - 1)
+        per = np.asarray(m_run)[None] + np.asarray(est)  # estimated metric after the patch
+        shape = est.shape[:-1]
+        labels = _labels(t.axes, shape, np.asarray(clean[0]), token_labels)
+        results[(t.site, t.axes)] = PatchResult(
+            t.site, direction, "resample", tuple(_metrics.name_of(n) for n in names), t.axes, labels,
+            per[..., None, :], np.asarray(m_clean), np.asarray(m_corrupt),
+            info={"method": method, "estimate": True, "wall_s": elapsed, "signed": gd is None})
+    if single:
+        return next(iter(results.values()))
+    return results
