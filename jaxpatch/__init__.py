@@ -30,3 +30,4 @@ from . import metrics as metrics, sweep as sweep  # noqa: E402
 from .patching import activation_patch as activation_patch  # noqa: E402
 from .results import PatchResult as PatchResult  # noqa: E402
 from .attribution import attribution_patch as attribution_patch  # noqa: E402
+from . import compare as compare, edges as edges  # noqa: E402
