@@ -183,6 +183,40 @@ def _qk_fix(site, axes, run, src, g_pattern, d_head):
     return jnp.transpose(est, perm)
 
 
+@partial(jax.jit, static_argnames=("config", "sites", "names", "targets", "method", "denoise"))
+def _atp_core(config, params, run_tokens, src_tokens, ctx, *, sites, names, targets, method, denoise):
+    """Everything in one program: the source run (with captures), the run's forward and backward
+    (GradDrop variants batched for ``atp*``), and every target's estimate ``[*grid, B]``."""
+    rows = lambda lg: jnp.take_along_axis(lg, ctx["answer_pos"][:, None, None], axis=1)[:, 0]  # noqa: E731
+    src_logits, src_caps = gpt2.forward(config, params, src_tokens, NONE, frozenset(sites))
+    if denoise:
+        clean_rows = rows(src_logits)
+    elif any(n == "kl" for n in names):
+        clean_rows = rows(gpt2.forward(config, params, run_tokens)[0])
+    else:
+        clean_rows = rows(src_logits)  # unused by the metric
+    ctx = {**ctx, "clean_logprobs": jax.nn.log_softmax(clean_rows.astype(jnp.float32), -1)}
+    m_src = _metrics.compute(names, rows(src_logits), ctx["answer"], ctx["wrong"], ctx["clean_logprobs"])[0]
+    m_run, run_caps, grads = _run_and_grad(config, params, run_tokens, ctx, sites=sites, names=names, drop=method == "atp*")
+    qk = method in ("atp*", "atp+qk")
+
+    def estimate(t: Target, g):
+        if qk and t.site in _QK:
+            qk_run = {"q": run_caps["blocks.attn.hook_q"], "k": run_caps["blocks.attn.hook_k"]}
+            qk_src = {"q": src_caps["blocks.attn.hook_q"], "k": src_caps["blocks.attn.hook_k"]}
+            return _qk_fix(t.site, t.axes, qk_run, qk_src, g["blocks.attn.hook_pattern"], config.d_head)
+        return _reduce((src_caps[t.site] - run_caps[t.site]) * g[t.site], t.site, t.axes)
+
+    ests = []
+    for t in targets:
+        if method == "atp*":
+            per_drop = jax.vmap(lambda g: estimate(t, g))(grads)  # [L, *grid, B]
+            ests.append(jnp.sum(jnp.abs(per_drop), axis=0) / (config.n_layers - 1))
+        else:
+            ests.append(estimate(t, grads))
+    return m_run, m_src, tuple(ests)
+
+
 def attribution_patch(
     model: HookedModel,
     clean_tokens,
@@ -250,44 +284,26 @@ def attribution_patch(
 
     t0 = time.perf_counter()
     run_tokens, src_tokens = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
-    clean_logits = model(clean)
-    rows = lambda lg: jnp.take_along_axis(lg, jnp.asarray(apos)[:, None, None], axis=1)[:, 0]  # noqa: E731
-    ctx = {"answer_pos": jnp.asarray(apos), "answer": jnp.asarray(ans), "wrong": jnp.asarray(wr),
-           "clean_logprobs": jax.nn.log_softmax(rows(clean_logits).astype(jnp.float32), -1)}
-    grad_dtype = jax.eval_shape(lambda: _metrics.compute(names, rows(clean_logits), ctx["answer"], ctx["wrong"], ctx["clean_logprobs"]))
-    if not jnp.issubdtype(grad_dtype.dtype, jnp.floating):
-        raise InputError(f"Metric returns {grad_dtype.dtype}; attribution needs a floating, differentiable metric.")
-    m_run, run_caps, grads = _run_and_grad(cfg, model.params, run_tokens, ctx, sites=sites, names=names, drop=False)
-    _, src_caps = model.run(src_tokens, capture=sites)
-    gd = None
-    if method == "atp*":
-        if cfg.n_layers < 2:
-            raise InputError("GradDrop needs at least 2 layers.")
-        _, _, gd = _run_and_grad(cfg, model.params, run_tokens, ctx, sites=sites, names=names, drop=True)
-    m_clean = _metrics.compute(names, rows(clean_logits), ctx["answer"], ctx["wrong"], ctx["clean_logprobs"])
-    m_corrupt = _metrics.compute(names, rows(model(corrupt)), ctx["answer"], ctx["wrong"], ctx["clean_logprobs"])
-
-    def estimate(t: Target, g):
-        if qk and t.site in _QK:
-            qk_run = {"q": run_caps["blocks.attn.hook_q"], "k": run_caps["blocks.attn.hook_k"]}
-            qk_src = {"q": src_caps["blocks.attn.hook_q"], "k": src_caps["blocks.attn.hook_k"]}
-            return _qk_fix(t.site, t.axes, qk_run, qk_src, g["blocks.attn.hook_pattern"], cfg.d_head)
-        return _reduce((src_caps[t.site] - run_caps[t.site]) * g[t.site], t.site, t.axes)
-
-    results = {}
+    ctx = {"answer_pos": jnp.asarray(apos), "answer": jnp.asarray(ans), "wrong": jnp.asarray(wr)}
+    if callable(names[0]):  # a user metric must return floats to have a gradient
+        probe = jax.eval_shape(names[0], jax.ShapeDtypeStruct((B, cfg.d_vocab), jnp.float32))
+        if not jnp.issubdtype(probe.dtype, jnp.floating):
+            raise InputError(f"Metric returns {probe.dtype}; attribution needs a floating, differentiable metric.")
+    if cfg.n_layers < 2 and method == "atp*":
+        raise InputError("GradDrop needs at least 2 layers.")
+    m_run, m_src, ests = _atp_core(cfg, model.params, run_tokens, src_tokens, ctx, sites=sites, names=names,
+                                   targets=tuple(tlist), method=method, denoise=direction == "denoise")
+    m_run, m_src = np.asarray(m_run), np.asarray(m_src)
+    m_clean, m_corrupt = (m_src, m_run) if direction == "denoise" else (m_run, m_src)
     elapsed = time.perf_counter() - t0
-    for t in tlist:
-        est = estimate(t, grads)
-        if gd is not None:
-            per_drop = jax.vmap(lambda g: estimate(t, g))(gd)  # [L, *grid, B]
-            est = jnp.sum(jnp.abs(per_drop), axis=0) / (cfg.n_layers - 1)
-        per = np.asarray(m_run)[None] + np.asarray(est)  # estimated metric after the patch
-        shape = est.shape[:-1]
-        labels = _labels(t.axes, shape, np.asarray(clean[0]), token_labels)
+    results = {}
+    for t, est in zip(tlist, ests):
+        per = m_run[None] + np.asarray(est)  # estimated metric after the patch
+        labels = _labels(t.axes, est.shape[:-1], np.asarray(clean[0]), token_labels)
         results[(t.site, t.axes)] = PatchResult(
             t.site, direction, "resample", tuple(_metrics.name_of(n) for n in names), t.axes, labels,
-            per[..., None, :], np.asarray(m_clean), np.asarray(m_corrupt),
-            info={"method": method, "estimate": True, "wall_s": elapsed, "signed": gd is None})
+            per[..., None, :], m_clean[None], m_corrupt[None],
+            info={"method": method, "estimate": True, "wall_s": elapsed, "signed": method != "atp*"})
     if single:
         return next(iter(results.values()))
     return results

@@ -202,5 +202,7 @@ def test_attribution_errors():
         attribution_patch(m, clean, corrupt[:, :5], answer=ans, wrong=wrong)
     with pytest.raises(jaxpatch.InputError, match="Cannot attribute"):
         attribution_patch(m, clean, corrupt, site="resid_pre", by=("layer", "head"), answer=ans, wrong=wrong)
-    with pytest.raises(jaxpatch.UnknownSiteError):
+    with pytest.raises(jaxpatch.InputError, match="per-layer sites"):
         attribution_patch(m, clean, corrupt, site="hook_embed", answer=ans, wrong=wrong)
+    with pytest.raises(jaxpatch.UnknownSiteError, match="Did you mean"):
+        attribution_patch(m, clean, corrupt, site="blocks.attn.hook_zz", answer=ans, wrong=wrong)
