@@ -99,3 +99,16 @@ def test_edge_errors():
         edges.edge_attribution_patch(m, clean, corrupt, answer=ans, wrong=wrong, ig_steps=0)
     with pytest.raises(jaxpatch.InputError, match="piecewise constant"):
         edges.edge_attribution_patch(m, clean, corrupt, answer=ans, metric="rank")
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+@pytest.mark.parametrize("steps", [None, 3])
+def test_edge_estimates_float32_agree_with_float64(direction, steps):
+    m = scaled_model(scale=2.0)
+    clean, corrupt, ans, wrong = prompts()
+    kw = dict(direction=direction, answer=ans, wrong=wrong, ig_steps=steps)
+    r32 = edges.edge_attribution_patch(m, clean, corrupt, **kw).scores()
+    with jax.enable_x64(True):
+        r64 = edges.edge_attribution_patch(to64(m), clean, corrupt, **kw).scores()
+    assert np.abs(r64).max() > 1e-4
+    np.testing.assert_allclose(r32, r64, atol=1e-4 * np.abs(r64).max(), rtol=0)
