@@ -2,29 +2,29 @@
 
 The task
 --------
-Every training sequence is ``<bos>`` followed by ``n`` distinct random words ``A`` and then the
-same ``n`` words again (``<bos> A A``; during training ``n`` varies per sequence and random filler
-words pad the sequence to the context length, so the only way to predict the repeat is by
-content, not by position). Inside the second copy each next word is predictable: the word that
-followed the current word's earlier occurrence. The trained model solves this with the classic
-two-head induction circuit:
+The vocabulary is ``<bos>`` (id 0) plus 49 short English words. A sequence ``<bos> A A`` is ``n``
+random words ``A`` repeated once; inside the second copy each next word is predictable: it is the
+word that followed the current word in the first copy. The model (``d_model=64``, 2 heads per
+layer, ``n_ctx=32``) solves this with the classic induction circuit:
 
-* a **previous-token head** in layer 0 (position ``i`` attends to ``i - 1``, copying "the word
+* a **previous-token head** in layer 0 (position ``i`` attends to ``i - 1``, writing "the word
   before me" into the residual stream), and
-* an **induction head** in layer 1 (a word in the second copy attends to the position *after* its
-  earlier occurrence, via K-composition with the previous-token head, and copies that word to the
-  output).
+* **induction heads** in layer 1 (a word in the second copy attends to the position *after* its
+  earlier occurrence, matching its own word against the previous-token head's output there —
+  K-composition — and copies the word it finds to the output).
 
-Which heads these are, and the training settings, are recorded in ``task.json`` next to the
-checkpoint (see :func:`load_task`); ``examples/train_toy_model.py`` reproduces the checkpoint from
-its seed.
+In the shipped checkpoint L0H0 is the previous-token head and both layer-1 heads are induction
+heads (L1H1 the stronger); ``task.json`` (see :func:`load_task`) records the heads found by the
+scores of :func:`head_scores`, the scores themselves, the training settings and the accuracy.
+``examples/train_toy_model.py`` reproduces the checkpoint from its seed. The model was trained on
+``<bos> F A A G`` (``n`` from 2 to 12, a random-length prefix ``F`` and filler ``G`` of random
+words), so it relies on content, not on positions.
 
 Prompts for patching experiments come from :func:`induction_prompts`: a *clean* prompt
 ``<bos> A A[:-1]`` whose answer is ``A[-1]``, and a *corrupt* prompt ``<bos> B A[:-1]`` in which the
 first copy is replaced by different words, so induction has nothing to copy and ``A[-1]`` (which
-appears nowhere in the corrupt prompt) is no longer predictable. (Training sequences were
-``<bos> F A A G`` with a random-length prefix ``F`` of other words, so "the word seen once but not
-yet twice" is not a usable shortcut; ``induction_prompts(..., prefix=k)`` builds such prompts.)
+appears nowhere in the corrupt prompt) is no longer predictable. ``prefix=k`` puts ``k`` distinct
+distractor words before the first copy.
 
 Example::
 
