@@ -26,15 +26,17 @@ from .results import PatchResult
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="stable")
-    r = np.empty(len(x))
-    r[order] = np.arange(len(x))
-    # average ties
-    for v in np.unique(x):
-        idx = np.where(x == v)[0]
-        if len(idx) > 1:
-            r[idx] = r[idx].mean()
-    return r
+    """Ranks 1..n with ties given their average rank (as scipy.stats.rankdata)."""
+    x = np.asarray(x, np.float64)
+    order = np.argsort(x, kind="mergesort")
+    sx = x[order]
+    ranks = np.empty(len(x), np.float64)
+    n = len(x)
+    boundaries = np.flatnonzero(np.diff(sx) != 0) + 1
+    starts = np.concatenate([[0], boundaries])
+    ends = np.concatenate([boundaries, [n]])
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)  # mean of ranks start+1..end
+    return ranks
 
 
 def pearson(a, b) -> float:

@@ -362,35 +362,16 @@ def _plot_bars(result, metric, normalized, ax, corrupt_set=None):
     return fig
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n with ties given their average rank (as scipy.stats.rankdata)."""
-    x = np.asarray(x, np.float64)
-    order = np.argsort(x, kind="mergesort")
-    sx = x[order]
-    ranks = np.empty(len(x), np.float64)
-    n = len(x)
-    boundaries = np.flatnonzero(np.diff(sx) != 0) + 1
-    starts = np.concatenate([[0], boundaries])
-    ends = np.concatenate([boundaries, [n]])
-    avg = (starts + ends + 1) / 2.0  # mean of ranks start+1 .. end
-    ranks[order] = np.repeat(avg, ends - starts)
-    return ranks
-
-
 def correlations(x, y) -> tuple[float, float]:
     """``(Pearson r, Spearman rho)`` of two 1-D samples over their finite pairs (NaN if undefined)."""
+    from .compare import pearson, spearman
+
     x, y = np.asarray(x, np.float64).reshape(-1), np.asarray(y, np.float64).reshape(-1)
     ok = np.isfinite(x) & np.isfinite(y)
     x, y = x[ok], y[ok]
     if len(x) < 2:
         return float("nan"), float("nan")
-
-    def pearson(a, b):
-        a, b = a - a.mean(), b - b.mean()
-        den = np.sqrt((a * a).sum() * (b * b).sum())
-        return float((a * b).sum() / den) if den > 0 else float("nan")
-
-    return pearson(x, y), pearson(_ranks(x), _ranks(y))
+    return pearson(x, y), spearman(x, y)
 
 
 def _component_names(result: PatchResult) -> list[str]:

@@ -2,6 +2,8 @@
 scale centred at zero, signed effects kept, correlations computed without scipy."""
 
 import numpy as np
+
+from jaxpatch.compare import _ranks as cmp_ranks
 import pytest
 
 pytest.importorskip("matplotlib")
@@ -132,7 +134,7 @@ def test_correlations_match_reference():
     y = np.array([2.0, 1.0, 4.0, 3.0, 6.0, 6.0])
     r, rho = plots.correlations(x, y)
     assert r == pytest.approx(np.corrcoef(x, y)[0, 1])
-    rx, ry = plots._ranks(x), plots._ranks(y)
+    rx, ry = cmp_ranks(x), cmp_ranks(y)
     np.testing.assert_allclose(rx, [1, 2.5, 2.5, 4, 6, 5])  # ties get their average rank
     assert rho == pytest.approx(np.corrcoef(rx, ry)[0, 1])
     assert plots.correlations([1, 2, 3], [3, 2, 1]) == pytest.approx((-1.0, -1.0))
