@@ -102,6 +102,17 @@ class PatchResult:
         df.attrs.update(site=self.site, direction=self.direction, baseline=self.baseline)
         return df
 
+    def grid_frame(self, metric: str | None = None, normalized: bool = False):
+        """A 2-D result as a pandas DataFrame: rows = first axis, columns = second, labelled and
+        in index order (not sorted as strings)."""
+        import pandas as pd
+
+        if len(self.axes) != 2:
+            raise InputError(f"grid_frame needs a 2-D result; this one has axes {self.axes} (use to_dataframe()).")
+        v = self.normalized(metric) if normalized else self.values(metric)
+        rows, cols = (self.labels.get(a, [str(i) for i in range(n)]) for a, n in zip(self.axes, self.shape))
+        return pd.DataFrame(v, index=pd.Index(rows, name=self.axes[0]), columns=pd.Index(cols, name=self.axes[1]))
+
     def top(self, k: int = 10, metric: str | None = None, normalized: bool = False):
         """The k components with the largest absolute effect: list of (labels dict, value)."""
         v = self.normalized(metric) if normalized else self.values(metric) - self.baselines(metric)[

@@ -272,3 +272,12 @@ def test_bad_sweep_input(model, prompts):
 def test_default_axes_cover_every_sweepable_site():
     for c in DEFAULT_AXES:
         assert jaxpatch.SITES[c].per_layer
+
+
+def test_grid_frame_keeps_index_order(model, prompts):
+    clean, corrupt, ans, wrong = prompts
+    r = jaxpatch.activation_patch(model, clean, corrupt, answer=ans, wrong=wrong, mesh=None, token_labels=[f"t{i}" for i in range(61)])
+    df = r.grid_frame(normalized=True)
+    assert list(df.columns) == r.labels["pos"] and list(df.index) == ["L0", "L1", "L2"]
+    np.testing.assert_array_equal(df.to_numpy(), r.normalized())
+    assert df.columns[0].startswith("0:t") and df.columns[-1].startswith("7:t")
