@@ -6,8 +6,6 @@ the answer's probability.
 Run: python examples/causal_tracing.py
 """
 
-import numpy as np
-
 import jaxpatch
 from jaxpatch import data
 

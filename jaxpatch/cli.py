@@ -67,47 +67,14 @@ class _Tokenizer:
     labels: Any = None  # vocabulary list or ids -> strings
 
 
-def _word_vocab(path: Path) -> list[str] | None:
-    """A word-level vocabulary (a JSON *list*, index = id) such as the embedded model's ``vocab.json``."""
-    try:
-        v = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return v if isinstance(v, list) and all(isinstance(w, str) for w in v) else None
-
-
 def _tokenizer_for(model_arg: str, model) -> _Tokenizer:
-    from . import data
-
-    if model_arg == "default":
-        vocab = data.load_vocab()
-        return _Tokenizer(f"word-level vocab.json ({len(vocab)} tokens)", lambda s: [int(i) for i in data.encode(s)], vocab)
-    tok_path = getattr(model, "tokenizer_path", None)
-    if tok_path is not None:
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            return _Tokenizer(f"{tok_path} (needs the 'tokenizers' package)", None)
-        tok = Tokenizer.from_file(str(tok_path))
-        return _Tokenizer(
-            f"tokenizer.json ({tok.get_vocab_size()} tokens)",
-            lambda s: list(tok.encode(s, add_special_tokens=False).ids),
-            lambda ids: [tok.decode([int(i)]) for i in ids],
-        )
-    from .loading import resolve_checkpoint
-
-    vocab = _word_vocab(resolve_checkpoint(model_arg) / "vocab.json")
-    if vocab is not None:
-        index = {w: i for i, w in enumerate(vocab)}
-
-        def encode(s: str) -> list[int]:
-            unknown = [w for w in s.split() if w not in index]
-            if unknown:
-                raise CLIError(f"unknown word {unknown[0]!r}: not in the checkpoint's vocab.json")
-            return [index[w] for w in s.split()]
-
-        return _Tokenizer(f"word-level vocab.json ({len(vocab)} tokens)", encode, vocab)
-    return _Tokenizer("none (give prompts as token ids)", None)
+    """The model's own tokenizer (tokenizer.json or vocab.json in its checkpoint), if any."""
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        if getattr(model, "tokenizer_path", None) is not None:
+            return _Tokenizer(f"{model.tokenizer_path} (needs the 'tokenizers' package)", None)
+        return _Tokenizer("none (give prompts as token ids)", None)
+    return _Tokenizer(tok.describe, tok.encode, tok.decode_each)
 
 
 def _csv(text: str, what: str) -> tuple[str, ...]:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from ._errors import CheckpointError
+from ._errors import CheckpointError, InputError
 from .models import convert
 
 _ST_DTYPES = {
@@ -158,10 +158,15 @@ def load_pretrained(path_or_name, dtype="float32"):
     config = convert.config_from_hf(hf_config)
     tied = bool(hf_config.get("tie_word_embeddings", True))
     params = convert.params_from_hf(config, tensors, tied=tied, dtype=dt)
-    tokenizer = None
-    if (directory / "tokenizer.json").is_file():
-        tokenizer = directory / "tokenizer.json"
-    return HookedModel(config, params, name=str(path_or_name), tokenizer_path=tokenizer)
+    from .tokenizer import load_tokenizer
+
+    tok_path = directory / "tokenizer.json"
+    try:
+        tokenizer = load_tokenizer(directory)
+    except InputError:  # tokenizer.json without the tokenizers package: token ids still work
+        tokenizer = None
+    return HookedModel(config, params, name=str(path_or_name), tokenizer_path=tok_path if tok_path.is_file() else None,
+                       tokenizer=tokenizer)
 
 
 def save_pretrained(model, directory) -> Path:

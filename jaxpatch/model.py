@@ -73,11 +73,12 @@ class HookedModel:
         patched = model(other_tokens, interventions=iv)
     """
 
-    def __init__(self, config: ModelConfig, params, name: str | None = None, tokenizer_path=None):
+    def __init__(self, config: ModelConfig, params, name: str | None = None, tokenizer_path=None, tokenizer=None):
         self.config = config
         self.params = params
         self.name = name
         self.tokenizer_path = tokenizer_path
+        self.tokenizer = tokenizer
 
     @classmethod
     def from_config(cls, config: ModelConfig, seed: int = 0, dtype=jnp.float32) -> "HookedModel":
@@ -146,6 +147,25 @@ class HookedModel:
     def add(self, name: str, delta, **kw) -> Interventions:
         """Add ``delta`` to the activation at ``name`` where selected."""
         return _iv.add(self.config, name, delta, **kw)
+
+    # ------------------------------------------------------------------------------------ text
+    def _tok(self):
+        if self.tokenizer is None:
+            raise InputError(f"Model {self.name or ''} has no tokenizer (no tokenizer.json or vocab.json in its "
+                             "checkpoint); give prompts as token ids.")
+        return self.tokenizer
+
+    def to_tokens(self, texts):
+        """Text prompt(s) -> int32 tokens ``[batch, pos]`` (all prompts must have the same length)."""
+        return self._tok().to_tokens(texts)
+
+    def to_single_token(self, text: str) -> int:
+        """The id of a one-token string (e.g. an answer); errors if it is several tokens."""
+        return self._tok().to_single_token(text)
+
+    def to_str_tokens(self, ids) -> list[str]:
+        """One string per token id (for labels)."""
+        return self._tok().decode_each(np.asarray(ids).reshape(-1).tolist())
 
     # ------------------------------------------------------------------------------------ info
     def site_shapes(self, batch: int = 1, pos: int | None = None) -> dict[str, tuple[int, ...]]:

@@ -186,7 +186,6 @@ def activation_patch(
     capture = _RUN_SITES | {c}
     t0 = time.perf_counter()
     clean_logits, clean_caps = model.run(clean, capture=capture)
-    clean_ivs = NONE
     noise_iv = None
     if baseline == "noise":
         if noise_positions is None:
@@ -200,7 +199,6 @@ def activation_patch(
     if corrupt_tokens is not None or baseline == "noise":
         corrupt_logits, corrupt_caps = model.run(corrupt, noise_iv, capture=capture)
 
-    tile = lambda x: jnp.tile(x, (rep,) + (1,) * (np.ndim(x) - 1))  # noqa: E731  prompt-axis tiling
     rows = lambda lg: jnp.take_along_axis(lg, jnp.asarray(np.tile(apos, rep))[:, None, None], axis=1)[:, 0]  # noqa: E731
     ctx = {
         "answer_pos": jnp.asarray(np.tile(apos, rep)),

@@ -34,7 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from . import metrics as _metrics
-from ._errors import InputError, JaxpatchError
+from ._errors import InputError
 from .config import ModelConfig
 from .interventions import NONE, Edit, Interventions
 from .models import gpt2

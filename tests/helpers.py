@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-import jaxpatch
-
 
 def random_tokens(config, batch=2, pos=8, seed=0):
     return np.random.default_rng(seed).integers(0, config.d_vocab, size=(batch, pos)).astype(np.int32)
