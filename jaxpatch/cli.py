@@ -109,12 +109,7 @@ def _as_token(value, tok: _Tokenizer, where: str, what: str) -> int:
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], int):
         return value[0]
     if isinstance(value, str):
-        if tok.encode is None:
-            raise CLIError(f"{where}: {what} {value!r} is a string but the model has no tokenizer ({tok.describe}); give a token id")
-        try:
-            ids = tok.encode(value)
-        except JaxpatchError as e:
-            raise CLIError(f"{where}: {what}: {e}") from None
+        ids = _as_ids(value, tok, where, what)
         if len(ids) != 1:
             labels = tok.labels(ids) if callable(tok.labels) else ids
             raise CLIError(
