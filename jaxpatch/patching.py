@@ -99,6 +99,7 @@ def activation_patch(
     chunk_size: int | None = None,
     mesh="auto",
     position_buckets: int | str = "auto",
+    progress: bool | None = None,
 ) -> PatchResult:
     """Patch every component of a sweep and measure several metrics, in one compiled program.
 
@@ -131,6 +132,7 @@ def activation_patch(
         mesh: ``"auto"`` shards the sweep over all local devices; ``None`` forces one device.
         position_buckets: static position offsets for prefix reuse (1 disables; ``"auto"`` weighs
             compile time against FLOPs saved).
+        progress: a progress bar per chunk: ``None`` on a terminal only, ``True``/``False`` force.
 
     Returns:
         a :class:`PatchResult`.
@@ -233,7 +235,7 @@ def activation_patch(
 
     t0 = time.perf_counter()
     out, pl = _sweep.run(cfg, model.params, spec, run_cache, source, src_stacked, names, ctx, T, run_ivs=run_ivs,
-                     chunk_size=chunk_size, mesh=mesh, position_buckets=position_buckets)
+                     chunk_size=chunk_size, mesh=mesh, position_buckets=position_buckets, progress=progress)
     out = np.asarray(out)  # [P, M, rep*B]: the one host transfer
     sweep_s = time.perf_counter() - t0
 

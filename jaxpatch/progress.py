@@ -1,8 +1,9 @@
 """Optional progress bars.
 
-A sweep is one compiled program, so there is nothing to report inside it; progress bars are for
-loops over several sweeps (the CLI's ``demo``, a user's own list of sites). :func:`progress` wraps
-an iterable in ``tqdm`` only when that helps a person watching a terminal:
+A sweep is one compiled program; it advances a bar once per chunk through a host callback
+(:func:`jaxpatch.sweep.run`, ``progress=``). This module decides when bars are shown, and
+:func:`progress` wraps loops over several sweeps (the CLI's ``demo``) in ``tqdm``, only when that
+helps a person watching a terminal:
 
 * tqdm is importable (it is an optional dependency: ``pip install jaxpatch[plots]``),
 * the bar is not disabled: neither ``progress=False`` nor the environment variable

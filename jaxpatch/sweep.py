@@ -255,7 +255,7 @@ class CustomMetric:
     last_only: bool
 
 
-def _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_stacked, offsets, metric, n_pos):
+def _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_stacked, offsets, metric, n_pos, bar_id=None):
     blocks = params["blocks"]
 
     def make_branch(s):
@@ -286,6 +286,8 @@ def _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_
 
     def chunk_fn(args):
         idx, start, bucket = args
+        if bar_id is not None:  # one host callback per chunk (never per patch) to move a progress bar
+            jax.debug.callback(_tick, bar_id)
         if len(branches) == 1:
             return branches[0](idx, start)
         return jax.lax.switch(bucket, branches, idx, start)
@@ -293,13 +295,26 @@ def _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_
     return chunk_fn
 
 
-@partial(jax.jit, static_argnames=("config", "site", "paired", "source_stacked", "offsets", "metric", "n_pos", "mesh"))
-def _core(config, params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_bucket, *, site, paired,
-          source_stacked, offsets, metric, n_pos, mesh):
+#: Progress bars of running sweeps, by id; the compiled program ticks them through _tick.
+_BARS: dict[int, Any] = {}
+#: ``{"total": chunks, "done": chunks ticked}`` of the last sweep that showed a bar.
+last_progress: dict[str, int] = {}
+
+
+def _tick(bar_id):
+    bar = _BARS.get(int(bar_id))
+    if bar is not None:
+        bar.update(1)
+
+
+@partial(jax.jit, static_argnames=("config", "site", "paired", "source_stacked", "offsets", "metric", "n_pos", "mesh", "progress"))
+def _core(config, params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_bucket, bar_id, *, site, paired,
+          source_stacked, offsets, metric, n_pos, mesh, progress=False):
     """``idx``: site-axis -> ``[n_chunks, chunk(, K)]``. Returns ``[n_chunks, chunk, M, B]``."""
 
     def run_chunks(params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_bucket):
-        fn = _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_stacked, offsets, metric, n_pos)
+        fn = _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_stacked, offsets, metric, n_pos,
+                       bar_id if progress else None)
         return jax.lax.map(fn, (idx, chunk_start, chunk_bucket))
 
     if mesh is None:
@@ -330,6 +345,7 @@ def run(
     chunk_size: int | None = None,
     mesh: Mesh | None | str = "auto",
     position_buckets: int | str = "auto",
+    progress: bool | None = None,
 ) -> jax.Array:
     """Run every patch of ``sweep``: ``(metric values [P, M, B] in the sweep's order, Plan)``.
 
@@ -346,6 +362,9 @@ def run(
         position_buckets: how many static position offsets a chunk may start from (1 disables
             position-prefix reuse; each bucket is one more compiled branch). ``"auto"`` weighs the
             extra compile time against the FLOPs saved (see :func:`auto_buckets`).
+        progress: a tqdm bar advanced once per chunk (a host callback per chunk, never per
+            patch): ``None`` shows it on a terminal only, ``True`` forces it, ``False`` never
+            (see :mod:`jaxpatch.progress`). Toggling it compiles a second program.
     """
     check(sweep, config, n_pos)
     if mesh == "auto":
@@ -365,9 +384,26 @@ def run(
     pl = plan(sweep, config.n_layers, n_pos, max_offset, chunk_size, n_dev, position_buckets)
     n_chunks = len(pl.chunk_start)
     idx = {a: jnp.asarray(np.asarray(v)[pl.order].reshape((n_chunks, pl.chunk) + np.shape(v)[1:])) for a, v in sweep.index.items()}
-    out = _core(config, params, run_ivs, dict(run_cache), source, dict(ctx), idx, jnp.asarray(pl.chunk_start),
-                jnp.asarray(pl.chunk_bucket), site=sweep.site, paired=sweep.joint, source_stacked=source_stacked,
-                offsets=pl.offsets, metric=metric, n_pos=n_pos, mesh=mesh)
+    from . import progress as _progress
+
+    show = _progress.enabled(progress)
+    bar_id = len(_BARS) + 1 if show else 0
+    if show:
+        from tqdm import tqdm
+
+        _BARS[bar_id] = tqdm(total=n_chunks, desc=f"sweep {sweep.site}", unit="chunk", leave=False, dynamic_ncols=True)
+    try:
+        out = _core(config, params, run_ivs, dict(run_cache), source, dict(ctx), idx, jnp.asarray(pl.chunk_start),
+                    jnp.asarray(pl.chunk_bucket), jnp.asarray(bar_id, jnp.int32), site=sweep.site, paired=sweep.joint,
+                    source_stacked=source_stacked, offsets=pl.offsets, metric=metric, n_pos=n_pos, mesh=mesh, progress=show)
+        if show:
+            jax.block_until_ready(out)
+            jax.effects_barrier()  # every tick has run
+    finally:
+        if show:
+            bar = _BARS.pop(bar_id)
+            last_progress.update(total=n_chunks, done=int(bar.n))
+            bar.close()
     out = out.reshape((n_chunks * pl.chunk,) + out.shape[2:])
     # Undo the execution order on device (no host round trip): position i ran patch order[i].
     inv = np.empty(sweep.size, np.int64)

@@ -281,3 +281,14 @@ def test_grid_frame_keeps_index_order(model, prompts):
     assert list(df.columns) == r.labels["pos"] and list(df.index) == ["L0", "L1", "L2"]
     np.testing.assert_array_equal(df.to_numpy(), r.normalized())
     assert df.columns[0].startswith("0:t") and df.columns[-1].startswith("7:t")
+
+
+@pytest.mark.parametrize("mesh", [None, "auto"])
+def test_progress_bar_ticks_once_per_chunk(model, prompts, mesh):
+    pytest.importorskip("tqdm")
+    clean, corrupt, ans, wrong = prompts
+    kw = dict(site="resid_pre", answer=ans, wrong=wrong, chunk_size=3, mesh=mesh)
+    quiet = jaxpatch.activation_patch(model, clean, corrupt, progress=False, **kw)
+    shown = jaxpatch.activation_patch(model, clean, corrupt, progress=True, **kw)
+    assert sw.last_progress["done"] == sw.last_progress["total"] >= 8  # 24 patches in chunks of 3
+    np.testing.assert_array_equal(shown.per_prompt, quiet.per_prompt)
