@@ -36,7 +36,7 @@ from ._errors import InputError
 from .interventions import NONE, Edit, Interventions
 from .model import HookedModel, check_tokens
 from .models import gpt2
-from .patching import DEFAULT_AXES, _labels, _per_prompt, _site
+from .patching import DEFAULT_AXES, _labels, _site, answer_arrays
 from .results import PatchResult
 from .sites import SITES
 from .sweep import GRID_AXES
@@ -260,13 +260,7 @@ def attribution_patch(
     if clean.shape != corrupt.shape:
         raise InputError(f"clean_tokens {tuple(clean.shape)} and corrupt_tokens {tuple(corrupt.shape)} must have the same shape.")
     B, T = clean.shape
-    if answer is None:
-        raise InputError("Give answer= (the correct next token per prompt) for the metric.")
-    ans = _per_prompt(answer, B, "answer")
-    if _metrics.needs_wrong(names) and wrong is None:
-        raise InputError("Metric 'logit_diff' needs wrong= (the contrast token per prompt).")
-    wr = _per_prompt(wrong if wrong is not None else answer, B, "wrong")
-    apos = _per_prompt(answer_pos, B, "answer_pos") % T
+    ans, wr, apos = answer_arrays(cfg, names, answer, wrong, answer_pos, B, T)
     single = targets is None
     tlist = [Target(_site(site, model), tuple(by or DEFAULT_AXES.get(_site(site, model))))] if single else [
         Target(_site(s, model), tuple(b or DEFAULT_AXES.get(_site(s, model)))) for s, b in targets]

@@ -31,7 +31,7 @@ from .config import ModelConfig
 from .interventions import NONE
 from .model import HookedModel, check_tokens
 from .models._layers import SiteHandler, activation, layer_norm, lift
-from .patching import _per_prompt
+from .patching import answer_arrays
 
 _NO_SITES = SiteHandler(NONE, frozenset())
 
@@ -191,13 +191,7 @@ def _setup(model, clean_tokens, corrupt_tokens, metric, answer, wrong, answer_po
     if clean.shape != corrupt.shape:
         raise InputError(f"clean_tokens {tuple(clean.shape)} and corrupt_tokens {tuple(corrupt.shape)} must have the same shape.")
     B, T = clean.shape
-    if answer is None:
-        raise InputError("Give answer= (the correct next token per prompt) for the metric.")
-    if _metrics.needs_wrong(names) and wrong is None:
-        raise InputError("Metric 'logit_diff' needs wrong= (the contrast token per prompt).")
-    ans = _per_prompt(answer, B, "answer")
-    wr = _per_prompt(wrong if wrong is not None else answer, B, "wrong")
-    apos = _per_prompt(answer_pos, B, "answer_pos") % T
+    ans, wr, apos = answer_arrays(cfg, names, answer, wrong, answer_pos, B, T)
     clean_rows = jnp.take_along_axis(model(clean), jnp.asarray(apos)[:, None, None], axis=1)[:, 0]
     ctx = {"answer_pos": jnp.asarray(apos), "answer": jnp.asarray(ans), "wrong": jnp.asarray(wr),
            "clean_logprobs": jax.nn.log_softmax(clean_rows.astype(jnp.float32), -1)}

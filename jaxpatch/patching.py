@@ -68,6 +68,24 @@ def _per_prompt(x, B: int, what: str, dtype=np.int32) -> np.ndarray:
     return arr.astype(dtype)
 
 
+def answer_arrays(cfg, names, answer, wrong, answer_pos, B: int, T: int):
+    """Validated per-prompt ``(answer, wrong, answer_pos)`` int arrays ``[B]`` (positions made
+    non-negative). ``wrong`` defaults to ``answer`` when no metric needs it."""
+    if answer is None:
+        raise InputError("Give answer= (the correct next token per prompt) for the metrics.")
+    if wrong is None and _metrics.needs_wrong(names):
+        raise InputError("Metric 'logit_diff' needs wrong= (the contrast token per prompt).")
+    ans = _per_prompt(answer, B, "answer")
+    wr = _per_prompt(wrong if wrong is not None else answer, B, "wrong")
+    for what, ids in (("answer", ans), ("wrong", wr)):
+        if np.any((ids < 0) | (ids >= cfg.d_vocab)):
+            raise InputError(f"{what} token ids must lie in [0, {cfg.d_vocab}).")
+    apos = _per_prompt(answer_pos, B, "answer_pos")
+    if np.any((apos < -T) | (apos >= T)):
+        raise InputError(f"answer_pos must lie in [-{T}, {T}) for prompts of {T} tokens.")
+    return ans, wr, apos % T
+
+
 def embedding_noise(model: HookedModel, batch: int, n_pos: int, positions, scale: float, n_samples: int, seed: int) -> Interventions:
     """Gaussian noise on ``hook_embed`` at ``positions`` for ``n_samples`` copies of a batch
     (batch axis ``n_samples * batch``, sample-major), std ``scale`` x std of the embedding matrix."""
@@ -161,21 +179,7 @@ def activation_patch(
                 raise InputError(f"clean_tokens {(B, T)} and corrupt_tokens {tuple(corrupt.shape)} must have the same shape.")
     elif baseline == "resample":
         raise InputError("baseline='resample' needs corrupt_tokens.")
-    if answer is None:
-        raise InputError("Give answer= (the correct next token per prompt) for the metrics.")
-    ans = _per_prompt(answer, B, "answer")
-    if np.any((ans < 0) | (ans >= cfg.d_vocab)):
-        raise InputError(f"answer token ids must lie in [0, {cfg.d_vocab}).")
-    if _metrics.needs_wrong(names):
-        if wrong is None:
-            raise InputError("Metric 'logit_diff' needs wrong= (the contrast token per prompt).")
-    wr = _per_prompt(wrong if wrong is not None else answer, B, "wrong")
-    if np.any((wr < 0) | (wr >= cfg.d_vocab)):
-        raise InputError(f"wrong token ids must lie in [0, {cfg.d_vocab}).")
-    apos = _per_prompt(answer_pos, B, "answer_pos")
-    if np.any((apos < -T) | (apos >= T)):
-        raise InputError(f"answer_pos must lie in [-{T}, {T}) for prompts of {T} tokens.")
-    apos = apos % T
+    ans, wr, apos = answer_arrays(cfg, names, answer, wrong, answer_pos, B, T)
     c = _site(site, model)
     if patches is not None:
         if by is not None:

@@ -206,3 +206,17 @@ def test_attribution_errors():
         attribution_patch(m, clean, corrupt, site="hook_embed", answer=ans, wrong=wrong)
     with pytest.raises(jaxpatch.UnknownSiteError, match="Did you mean"):
         attribution_patch(m, clean, corrupt, site="blocks.attn.hook_zz", answer=ans, wrong=wrong)
+
+
+def test_answer_ids_are_range_checked_everywhere():
+    from jaxpatch import edges
+
+    m = scaled_model()
+    clean, corrupt, ans, wrong = prompts()
+    bad = np.array([3, 4, 61])
+    with pytest.raises(jaxpatch.InputError, match=r"answer token ids must lie in \[0, 61\)"):
+        attribution_patch(m, clean, corrupt, answer=bad, wrong=wrong)
+    with pytest.raises(jaxpatch.InputError, match=r"wrong token ids must lie in \[0, 61\)"):
+        edges.edge_attribution_patch(m, clean, corrupt, answer=ans, wrong=bad)
+    with pytest.raises(jaxpatch.InputError, match="answer_pos must lie in"):
+        attribution_patch(m, clean, corrupt, answer=ans, wrong=wrong, answer_pos=8)
