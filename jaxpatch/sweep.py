@@ -370,7 +370,7 @@ def run(
     if mesh == "auto":
         mesh = default_mesh()
     n_dev = 1 if mesh is None else mesh.size
-    B = int(np.shape(ctx["answer_pos"])[0]) if "answer_pos" in ctx else 1
+    B = int(run_cache["resid"].shape[1])  # prompts per patched run (sizes the chunks)
     if isinstance(metric, CustomMetric):
         max_offset = n_pos - 1 if metric.last_only else 0
     else:
