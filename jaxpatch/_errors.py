@@ -33,6 +33,11 @@ class InputError(JaxpatchError):
     """Bad tokens or arrays passed to a model or a patching function."""
 
 
+class NonFiniteError(JaxpatchError):
+    """A NaN or inf where a patching result needs a number (weights, activations, metric values);
+    the message names where it arose (the tensor, the run or the patch)."""
+
+
 def closest(name: str, valid: Iterable[str]) -> str:
     """Return `` Did you mean 'x'?`` for the closest valid name, or an empty string."""
     matches = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)

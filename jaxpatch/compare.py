@@ -60,9 +60,7 @@ def top_k_recall(exact, estimate, k: int) -> float:
 
 def effects(result: PatchResult, metric: str | None = None) -> np.ndarray:
     """Change of the metric (mean over prompts) caused by each patch, relative to the run."""
-    b = result.baselines(metric)
-    run = b["corrupt"] if result.direction == "denoise" else b["clean"]
-    return result.values(metric) - run
+    return result.effects(metric)
 
 
 @dataclasses.dataclass

@@ -135,7 +135,7 @@ def _down_stack(grads):
 
 def _metric(names, logits, ctx):
     rows = jnp.take_along_axis(logits, ctx["answer_pos"][:, None, None], axis=1)[:, 0]
-    return _metrics.compute(names, rows, ctx["answer"], ctx.get("wrong"), ctx.get("clean_logprobs"))[0]
+    return _metrics.compute_ctx(names, rows, ctx)[0]
 
 
 @partial(jax.jit, static_argnames=("config", "names", "ig_steps"))
@@ -192,9 +192,11 @@ def _setup(model, clean_tokens, corrupt_tokens, metric, answer, wrong, answer_po
         raise InputError(f"clean_tokens {tuple(clean.shape)} and corrupt_tokens {tuple(corrupt.shape)} must have the same shape.")
     B, T = clean.shape
     ans, wr, apos = answer_arrays(cfg, names, answer, wrong, answer_pos, B, T)
+    names, consts = _metrics.prepare(names, B, cfg.d_vocab, model.dtype)  # traced afresh: current values
     clean_rows = jnp.take_along_axis(model(clean), jnp.asarray(apos)[:, None, None], axis=1)[:, 0]
     ctx = {"answer_pos": jnp.asarray(apos), "answer": jnp.asarray(ans), "wrong": jnp.asarray(wr),
-           "clean_logprobs": jax.nn.log_softmax(clean_rows.astype(jnp.float32), -1)}
+           "clean_logprobs": jax.nn.log_softmax(clean_rows.astype(jnp.promote_types(clean_rows.dtype, jnp.float32)), -1),
+           "metric_consts": consts}
     run, src = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
     return names, run, src, ctx
 

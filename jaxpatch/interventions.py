@@ -35,6 +35,11 @@ Array = Any
 #: Axes an edit may index (``d_mlp`` indexes neurons).
 INDEXABLE_AXES = ("batch", "pos", "head", "q_pos", "k_pos", "d_head", "d_model", "d_mlp")
 
+#: An index entry that selects its whole axis. Sweeps use it for a joint patch whose components
+#: index different axes (``[{"layer": 0, "pos": 3}, {"layer": 1}]``: the second component covers
+#: every position). It is never a valid index otherwise (int32 minimum).
+ALL = -(2**31)
+
 
 @jax.tree_util.register_pytree_node_class
 @dataclasses.dataclass(frozen=True)
@@ -259,8 +264,10 @@ _OFFSET_AXES = ("pos", "q_pos")
 
 def _axis_mask(idx: Array, axis: int, shape: tuple[int, ...], offset: int = 0) -> Array:
     n = shape[axis]
-    idx = jnp.reshape(idx, (-1,)) % (n + offset)
-    hit = jnp.any(jnp.arange(offset, offset + n, dtype=jnp.int32)[:, None] == idx[None, :], axis=-1)
+    idx = jnp.reshape(idx, (-1,))
+    whole = jnp.any(idx == ALL)
+    idx = idx % (n + offset)
+    hit = jnp.any(jnp.arange(offset, offset + n, dtype=jnp.int32)[:, None] == idx[None, :], axis=-1) | whole
     return jnp.reshape(hit, [n if i == axis else 1 for i in range(len(shape))])
 
 
@@ -370,8 +377,10 @@ def _paired_selection(e: Edit, axes, shape, layer, pos_offset, sel):
     for axis_name, idx in e.index.items():
         i = axes.index(axis_name)
         n, off = shape[i], (pos_offset if axis_name in _OFFSET_AXES else 0)
-        idx = jnp.reshape(idx, (-1,)) % (n + off)
-        hit = jnp.arange(off, off + n, dtype=jnp.int32)[None, :] == idx[:, None]  # [K, n]
+        idx = jnp.reshape(idx, (-1,))
+        whole = (idx == ALL)[:, None]  # component k covers this whole axis
+        idx = idx % (n + off)
+        hit = (jnp.arange(off, off + n, dtype=jnp.int32)[None, :] == idx[:, None]) | whole  # [K, n]
         hit = jnp.reshape(hit, (hit.shape[0],) + tuple(n if j == i else 1 for j in range(ndim)))
         hits = hit if hits is None else hits & hit
     if e.layers is not None and layer is not None:

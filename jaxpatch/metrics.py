@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._errors import InputError, JaxpatchError
+from .user_metric import TracedMetric, trace
 
 METRICS = ("logit_diff", "logprob", "prob", "kl", "accuracy", "rank")
 _TOPK = re.compile(r"^top(\d+)_accuracy$")
@@ -41,9 +42,46 @@ def check_names(names) -> tuple[str, ...]:
             continue
         if not isinstance(n, str) or (n not in METRICS and not _TOPK.match(n)):
             raise InputError(f"Unknown metric {n!r}; valid: {list(METRICS)} or 'top<k>_accuracy' (e.g. 'top5_accuracy').")
-    if len(set(names)) != len(names):
-        raise InputError(f"Metric names repeat: {names}.")
+        m = _TOPK.match(n)
+        if m and int(m.group(1)) < 1:
+            raise InputError(f"Metric {n!r}: k must be >= 1 (e.g. 'top1_accuracy', 'top5_accuracy').")
+    labels = [name_of(n) for n in names]
+    if len(set(labels)) != len(labels):
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        raise InputError(
+            f"Metric names repeat: {dup}. Each metric labels a column of the results: give user metrics "
+            f"distinct names (def my_metric(logits): ..., or set fn.__name__)."
+        )
     return names
+
+
+def prepare(names: tuple, batch: int, d_vocab: int, dtype) -> tuple[tuple, tuple]:
+    """Trace every user metric afresh for answer-position logits ``[batch, d_vocab]``.
+
+    Returns ``(static_names, consts)``: the names with each callable replaced by a hashable
+    :class:`~jaxpatch.user_metric.TracedMetric` (compiled programs key on its structure), and per
+    metric its closed-over constants (``()`` for built-in metrics), passed to :func:`compute` as
+    data so compiled programs always see their current values.
+    """
+    example = jax.ShapeDtypeStruct((batch, d_vocab), jnp.promote_types(dtype, jnp.float32))
+    static, consts = [], []
+    for n in names:
+        if callable(n):
+            tm, c = trace(n, example)
+            if tm.out_aval.shape != (batch,):
+                raise InputError(
+                    f"Metric {tm.name!r} must return one value per prompt, shape ({batch},), from logits "
+                    f"[batch, d_vocab] at the answer position; it returned shape {tm.out_aval.shape}."
+                )
+            if not (jnp.issubdtype(tm.out_aval.dtype, jnp.floating) or jnp.issubdtype(tm.out_aval.dtype, jnp.integer)
+                    or tm.out_aval.dtype == jnp.bool_):
+                raise InputError(f"Metric {tm.name!r} must return numbers; it returned dtype {tm.out_aval.dtype}.")
+            static.append(tm)
+            consts.append(c)
+        else:
+            static.append(n)
+            consts.append(())
+    return tuple(static), tuple(consts)
 
 
 def needs_wrong(names) -> bool:
@@ -54,22 +92,25 @@ def _take(x, idx):
     return jnp.take_along_axis(x, idx[:, None], axis=-1)[:, 0]
 
 
-def compute(names: tuple[str, ...], logits, answer, wrong=None, clean_logprobs=None):
+def compute(names: tuple, logits, answer, wrong=None, clean_logprobs=None, consts=None):
     """Metric values ``[len(names), B]`` from answer-position logits ``[B, V]``.
 
     Args:
-        names: metric names (static).
+        names: metric names and :class:`TracedMetric` s (static; see :func:`prepare`).
         logits: ``[B, V]`` logits at each prompt's answer position.
         answer: ``[B]`` int answer token per prompt.
         wrong: ``[B]`` int contrast token (for ``logit_diff``).
         clean_logprobs: ``[B, V]`` clean-run log-probabilities (for ``kl``).
+        consts: per metric, the constants of a traced user metric (from :func:`prepare`).
     """
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     out = []
-    for n in names:
-        if callable(n):
-            out.append(_custom(n, logits))
+    for i, n in enumerate(names):
+        if isinstance(n, TracedMetric):
+            out.append(n(consts[i], logits).astype(logits.dtype))
+        elif callable(n):
+            raise TypeError("internal: user metrics must be traced with metrics.prepare() first")
         elif n == "logit_diff":
             out.append(_take(logits, answer) - _take(logits, wrong))
         elif n == "logprob":
@@ -89,17 +130,16 @@ def compute(names: tuple[str, ...], logits, answer, wrong=None, clean_logprobs=N
 
 
 def name_of(metric) -> str:
-    return metric if isinstance(metric, str) else getattr(metric, "__name__", repr(metric))
+    if isinstance(metric, str):
+        return metric
+    if isinstance(metric, TracedMetric):
+        return metric.name
+    return getattr(metric, "__name__", None) or repr(metric)
 
 
-def _custom(fn, logits):
-    val = jnp.asarray(fn(logits))
-    if val.shape != logits.shape[:1]:
-        raise InputError(
-            f"Metric {name_of(fn)!r} must return one value per prompt, shape {logits.shape[:1]}, from logits "
-            f"[batch, d_vocab] at the answer position; it returned shape {val.shape}."
-        )
-    return val.astype(logits.dtype)
+def compute_ctx(names: tuple, logits, ctx):
+    """:func:`compute` with the per-prompt data taken from an engine's ``ctx`` dict."""
+    return compute(names, logits, ctx["answer"], ctx.get("wrong"), ctx.get("clean_logprobs"), ctx.get("metric_consts"))
 
 
 def normalise(values, clean, corrupt, direction: str, name: str = "metric"):

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import metrics as _metrics
 from . import sweep as _sweep
-from ._errors import InputError
+from ._errors import InputError, NonFiniteError
 from .interventions import NONE, Interventions, add
 from .model import HookedModel, check_tokens
 from .results import PatchResult
@@ -59,13 +59,47 @@ def _site(name: str, model: HookedModel) -> str:
     return c
 
 
-def _per_prompt(x, B: int, what: str, dtype=np.int32) -> np.ndarray:
+def int_array(x, what: str) -> np.ndarray:
+    """``x`` as an int array, refusing anything that is not integer-valued by type (floats such as
+    2.7 or 3.0, booleans, strings): a truncated or reinterpreted index is a silently wrong answer."""
     arr = np.asarray(x)
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+        shown = arr.tolist() if arr.size <= 8 else f"an array of dtype {arr.dtype}"
+        raise InputError(f"{what} must be integers (Python int or an integer array); got {shown!r} ({arr.dtype}).")
+    return arr
+
+
+def _per_prompt(x, B: int, what: str) -> np.ndarray:
+    arr = int_array(x, what)
     if arr.ndim == 0:
         arr = np.full((B,), arr)
     if arr.shape != (B,):
         raise InputError(f"{what} must be a scalar or have one entry per prompt (shape ({B},)); got shape {arr.shape}.")
-    return arr.astype(dtype)
+    return arr.astype(np.int32)
+
+
+def noise_position_indices(positions, T: int) -> np.ndarray:
+    """Positions for the ``noise`` baseline as int indices in ``[0, T)``.
+
+    Accepts integer indices (negative counts from the end) or a boolean mask of length ``T``
+    (``[False, True, True, False]`` corrupts positions 1 and 2), never reading one as the other.
+    """
+    arr = np.asarray(positions)
+    if arr.dtype == bool:
+        if arr.shape != (T,):
+            raise InputError(f"noise_positions as a boolean mask must have one entry per position, shape ({T},); "
+                             f"got shape {arr.shape}. Or pass integer positions.")
+        idx = np.flatnonzero(arr)
+    else:
+        idx = int_array(arr, "noise_positions").reshape(-1)
+        bad = idx[(idx < -T) | (idx >= T)]
+        if bad.size:
+            raise InputError(f"noise_positions {sorted(set(bad.tolist()))} out of range for prompts of {T} tokens: "
+                             f"valid -{T}..{T - 1}.")
+        idx = np.unique(idx % T)
+    if idx.size == 0:
+        raise InputError("noise_positions selects no position: the noise baseline would corrupt nothing.")
+    return idx.astype(np.int32)
 
 
 def answer_arrays(cfg, names, answer, wrong, answer_pos, B: int, T: int):
@@ -180,6 +214,7 @@ def activation_patch(
     elif baseline == "resample":
         raise InputError("baseline='resample' needs corrupt_tokens.")
     ans, wr, apos = answer_arrays(cfg, names, answer, wrong, answer_pos, B, T)
+    static_names, metric_consts = _metrics.prepare(names, B, cfg.d_vocab, model.dtype)
     c = _site(site, model)
     if patches is not None:
         if by is not None:
@@ -196,7 +231,11 @@ def activation_patch(
     if baseline == "noise":
         if noise_positions is None:
             raise InputError("baseline='noise' needs noise_positions= (e.g. the subject tokens' positions).")
-        noise_iv = embedding_noise(model, B, T, noise_positions, noise_scale, n_noise, seed)
+        if isinstance(n_noise, bool) or not isinstance(n_noise, (int, np.integer)) or n_noise < 1:
+            raise InputError(f"n_noise must be an int >= 1 (noise samples per prompt); got {n_noise!r}.")
+        if not np.isfinite(noise_scale) or noise_scale <= 0:
+            raise InputError(f"noise_scale must be a positive finite number; got {noise_scale!r}.")
+        noise_iv = embedding_noise(model, B, T, noise_position_indices(noise_positions, T), noise_scale, int(n_noise), seed)
         rep = n_noise
         corrupt = jnp.tile(clean, (rep, 1))
     else:
@@ -206,16 +245,24 @@ def activation_patch(
         corrupt_logits, corrupt_caps = model.run(corrupt, noise_iv, capture=capture)
 
     rows = lambda lg: jnp.take_along_axis(lg, jnp.asarray(np.tile(apos, rep))[:, None, None], axis=1)[:, 0]  # noqa: E731
+    clean_rows = rows(jnp.tile(clean_logits, (rep, 1, 1)))
     ctx = {
         "answer_pos": jnp.asarray(np.tile(apos, rep)),
         "answer": jnp.asarray(np.tile(ans, rep)),
         "wrong": jnp.asarray(np.tile(wr, rep)),
-        "clean_logprobs": jax.nn.log_softmax(rows(jnp.tile(clean_logits, (rep, 1, 1))).astype(jnp.float32), -1),
+        "clean_logprobs": jax.nn.log_softmax(clean_rows.astype(jnp.promote_types(clean_rows.dtype, jnp.float32)), -1),
+        "metric_consts": metric_consts,
     }
-    m_clean = _metrics.compute(names, rows(jnp.tile(clean_logits, (rep, 1, 1))), ctx["answer"], ctx["wrong"], ctx["clean_logprobs"])
+    m_clean = _metrics.compute_ctx(static_names, clean_rows, ctx)
     m_corrupt = None
     if corrupt_logits is not None:
-        m_corrupt = _metrics.compute(names, rows(corrupt_logits), ctx["answer"], ctx["wrong"], ctx["clean_logprobs"])
+        m_corrupt = _metrics.compute_ctx(static_names, rows(corrupt_logits), ctx)
+
+    for what, m in (("clean", m_clean), ("corrupted", m_corrupt)):
+        bad = [] if m is None else [n for n, row in zip(names, np.asarray(m)) if not np.all(np.isfinite(row))]
+        if bad:
+            raise NonFiniteError(f"The {what} run's metric values are NaN or inf for {[_metrics.name_of(n) for n in bad]}: "
+                                 f"no patching effect can be measured against it. Check the model's weights, the prompts and the metric.")
 
     src_stacked = True
     if direction == "denoise":  # run the corrupted prompt, patch in clean activations
@@ -238,7 +285,7 @@ def activation_patch(
     setup_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    out, pl = _sweep.run(cfg, model.params, spec, run_cache, source, src_stacked, names, ctx, T, run_ivs=run_ivs,
+    out, pl = _sweep.run(cfg, model.params, spec, run_cache, source, src_stacked, static_names, ctx, T, run_ivs=run_ivs,
                      chunk_size=chunk_size, mesh=mesh, position_buckets=position_buckets, progress=progress)
     out = np.asarray(out)  # [P, M, rep*B]: the one host transfer
     sweep_s = time.perf_counter() - t0

@@ -73,12 +73,32 @@ class PatchResult:
             ])
         return _metrics.normalise(vals, self.clean[i], self.corrupt[i], self.direction, name)
 
-    def baselines(self, metric: str | None = None) -> dict[str, float]:
+    def baselines(self, metric: str | None = None) -> dict[str, Any]:
+        """Mean metric of the unpatched runs: ``{"clean": float, "corrupt": float}``. With several
+        corrupted sets, ``"corrupt"`` is an array with one baseline per set (never pooled: each
+        set's patches are measured against its own corrupted run)."""
         i = self._m(metric)
-        out = {"clean": float(self.clean[i].mean())}
+        out: dict[str, Any] = {"clean": float(self.clean[i].mean())}
         if self.corrupt is not None:
-            out["corrupt"] = float(self.corrupt[..., i, :].mean())
+            if "corrupt_set" in self.axes:
+                out["corrupt"] = self.corrupt[:, i, :].mean(axis=-1)
+            else:
+                out["corrupt"] = float(self.corrupt[i].mean())
         return out
+
+    def effects(self, metric: str | None = None) -> np.ndarray:
+        """Change of the metric caused by each patch (mean over prompts), relative to the run that
+        was patched: the corrupted run for denoising (each corrupted set its own), the clean run
+        for noising and ablations. Same shape as :meth:`values`."""
+        i = self._m(metric)
+        vals = self.values(metric)
+        if self.direction == "denoise" and self.corrupt is not None:
+            run = self.corrupt[..., i, :].mean(axis=-1)  # [n_sets] or scalar
+        else:
+            run = self.clean[i].mean()
+        if "corrupt_set" in self.axes and np.ndim(run):
+            run = np.reshape(run, (-1,) + (1,) * (vals.ndim - 1))
+        return vals - run
 
     def to_dataframe(self):
         """Tidy table: one row per patch, index columns per axis (ints and labels), one column per
@@ -114,9 +134,9 @@ class PatchResult:
         return pd.DataFrame(v, index=pd.Index(rows, name=self.axes[0]), columns=pd.Index(cols, name=self.axes[1]))
 
     def top(self, k: int = 10, metric: str | None = None, normalized: bool = False):
-        """The k components with the largest absolute effect: list of (labels dict, value)."""
-        v = self.normalized(metric) if normalized else self.values(metric) - self.baselines(metric)[
-            "corrupt" if self.direction == "denoise" and self.corrupt is not None else "clean"]
+        """The k components with the largest absolute effect: list of (labels dict, value), the value
+        being :meth:`effects` (raw) or :meth:`normalized`, each relative to its own baselines."""
+        v = self.normalized(metric) if normalized else self.effects(metric)
         flat = np.argsort(-np.abs(v).reshape(-1))[:k]
         out = []
         for f in flat:

@@ -7,9 +7,12 @@ returned, and ``patching_metric`` is a JAX function of logits ``[batch, pos, d_v
 scalar. Results are JAX arrays with TransformerLens's shapes, e.g.
 ``get_act_patch_resid_pre(...)`` -> ``[n_layers, pos]``.
 
-If the metric reads only the last position's logits (checked once per call, by evaluating it on
-logits whose other positions are NaN), only those logits are computed and earlier positions are
-reused from cache; otherwise the full logits of every patched run are computed.
+The metric is traced afresh on every call, so a metric that closes over arrays (``answer_tokens``)
+or reads globals always sees their current values, as in TransformerLens; an unchanged metric does
+not recompile. From its traced program jaxpatch proves the first position whose logits it can read
+(through slices and gathers with known indices, e.g. ``logits[:, -1]``); only logits from there on
+are computed, and earlier positions are reused from the cache. When the program does not prove it
+(any other use of the logits), every position's logits are computed.
 
 Migration::
 
@@ -30,24 +33,24 @@ from .._errors import InputError
 from ..cache import ActivationCache
 from ..model import HookedModel, check_tokens
 from ..sweep import CustomMetric
+from ..user_metric import first_position_read, trace
 
 _RUN_SITES = frozenset({"blocks.hook_resid_pre", "blocks.attn.hook_k", "blocks.attn.hook_v"})
 
 
-def _probe_metric(metric, logits) -> bool:
-    """Check the metric returns a scalar; return whether it reads only the last position."""
-    shape = jax.eval_shape(metric, logits)
-    out = jax.ShapeDtypeStruct(getattr(shape, "shape", ()), getattr(shape, "dtype", jnp.float32))
-    if out.shape != ():
+def _trace_metric(metric, logits):
+    """Trace the metric afresh (it may close over values that changed since the last call) and
+    prove which positions it reads. Returns ``(CustomMetric, consts)``."""
+    tm, consts = trace(metric, jax.ShapeDtypeStruct(logits.shape, logits.dtype))
+    if tm.out_aval.shape != ():
         raise InputError(
-            f"patching_metric must return a scalar (as in TransformerLens); it returned shape {out.shape}. "
+            f"patching_metric must return a scalar (as in TransformerLens); it returned shape {tm.out_aval.shape}. "
             "Average over the batch inside the metric."
         )
-    if not jnp.issubdtype(out.dtype, jnp.floating) and not jnp.issubdtype(out.dtype, jnp.integer):
-        raise InputError(f"patching_metric must return a number, got dtype {out.dtype}.")
-    # One compiled evaluation (not a string of eager ops): NaN everywhere but the last position.
-    probe = jax.jit(lambda lg: jnp.isfinite(jnp.asarray(metric(lg.at[:, :-1].set(jnp.nan)), jnp.float32)))
-    return bool(probe(logits))
+    dt = tm.out_aval.dtype
+    if not (jnp.issubdtype(dt, jnp.floating) or jnp.issubdtype(dt, jnp.integer) or dt == jnp.bool_):
+        raise InputError(f"patching_metric must return a number, got dtype {dt}.")
+    return CustomMetric(tm, first_position_read(tm, consts)), consts
 
 
 def generic_activation_patch(model: HookedModel, corrupted_tokens, clean_cache: ActivationCache, patching_metric,
@@ -70,12 +73,12 @@ def generic_activation_patch(model: HookedModel, corrupted_tokens, clean_cache: 
     if site in ("blocks.attn.hook_pattern", "blocks.attn.hook_attn_scores") and (source.shape[1], source.shape[3]) != (B, T):
         raise InputError(f"clean_cache was computed on prompts of shape {(source.shape[1], source.shape[3])}; corrupted_tokens has shape {(B, T)}.")
     logits, caps = model.run(tokens, capture=_RUN_SITES)
-    last_only = _probe_metric(patching_metric, logits)
+    metric, consts = _trace_metric(patching_metric, logits)
     spec = _sweep.grid(model.config, site, index_axis_names, T)
     out, _ = _sweep.run(
         model.config, model.params, spec,
         {"resid": caps["blocks.hook_resid_pre"], "k": caps["blocks.attn.hook_k"], "v": caps["blocks.attn.hook_v"]},
-        source, True, CustomMetric(patching_metric, last_only), {}, T, **engine_kw,
+        source, True, metric, {"metric_consts": consts}, T, **engine_kw,
     )
     return out.reshape(spec.grid_shape)
 
