@@ -6,11 +6,12 @@ import json
 import os
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from ._errors import CheckpointError, InputError
+from ._errors import CheckpointError, InputError, NonFiniteError
 from .models import convert
 
 _ST_DTYPES = {
@@ -157,7 +158,9 @@ def load_pretrained(path_or_name, dtype="float32"):
     hf_config, tensors = read_checkpoint(directory)
     config = convert.config_from_hf(hf_config)
     tied = bool(hf_config.get("tie_word_embeddings", True))
+    check_finite_tensors(tensors, f"checkpoint {str(directory)!r}")
     params = convert.params_from_hf(config, tensors, tied=tied, dtype=dt)
+    check_finite_params(params, dt)
     from .tokenizer import load_tokenizer
 
     tok_path = directory / "tokenizer.json"
@@ -167,6 +170,30 @@ def load_pretrained(path_or_name, dtype="float32"):
         tokenizer = None
     return HookedModel(config, params, name=str(path_or_name), tokenizer_path=tok_path if tok_path.is_file() else None,
                        tokenizer=tokenizer)
+
+
+def check_finite_tensors(tensors: dict[str, np.ndarray], where: str) -> None:
+    """Raise :class:`NonFiniteError` naming every tensor that holds a NaN or inf (a model with one
+    would return wrong numbers for every patch, silently)."""
+    bad = []
+    for name, t in tensors.items():
+        if np.issubdtype(t.dtype, np.floating) or t.dtype == ml_dtypes.bfloat16:
+            a = np.asarray(t, np.float32) if t.dtype == ml_dtypes.bfloat16 else t
+            n_nan, n_inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+            if n_nan or n_inf:
+                bad.append(f"{name} ({n_nan} NaN, {n_inf} inf of {a.size})")
+    if bad:
+        raise NonFiniteError(f"The {where} has non-finite weights: {'; '.join(bad[:10])}"
+                             f"{f' and {len(bad) - 10} more tensors' if len(bad) > 10 else ''}.")
+
+
+def check_finite_params(params, dtype) -> None:
+    """Weights that were finite can overflow when cast down (float16 tops out at 65504)."""
+    bad = [jax.tree_util.keystr(path) for path, a in jax.tree_util.tree_leaves_with_path(params)
+           if not bool(jnp.all(jnp.isfinite(a)))]
+    if bad:
+        raise NonFiniteError(f"Converting the weights to {jnp.dtype(dtype)} made them non-finite (overflow) in "
+                             f"{bad[:10]}; load in float32 or bfloat16 instead.")
 
 
 def save_pretrained(model, directory) -> Path:

@@ -112,3 +112,31 @@ def test_bad_dtype(ckpt):
         jaxpatch.load_pretrained(ckpt, dtype="int8")
     with pytest.raises(jaxpatch.CheckpointError, match="jax_enable_x64"):
         jaxpatch.load_pretrained(ckpt, dtype="float64")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nonfinite_weights_are_reported_by_name(ckpt, tmp_path, bad):
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    name = next(n for n in sorted(tensors) if n.endswith("h.1.mlp.c_fc.weight"))
+    tensors[name] = tensors[name].copy()
+    tensors[name][3, 4] = bad
+    out = tmp_path / "bad"
+    out.mkdir()
+    (out / "config.json").write_text((ckpt / "config.json").read_text())
+    save_file(tensors, str(out / "model.safetensors"))
+    with pytest.raises(jaxpatch.NonFiniteError, match=r"h\.1\.mlp\.c_fc\.weight \(\d NaN, \d inf of \d+\)"):
+        jaxpatch.load_pretrained(out)
+
+
+def test_float16_overflow_on_load_is_reported(ckpt, tmp_path):
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    name = next(n for n in sorted(tensors) if n.endswith("h.0.attn.c_proj.weight"))
+    tensors[name] = tensors[name].copy()
+    tensors[name][0, 0] = 1e6  # finite in float32, inf in float16
+    out = tmp_path / "big"
+    out.mkdir()
+    (out / "config.json").write_text((ckpt / "config.json").read_text())
+    save_file(tensors, str(out / "model.safetensors"))
+    assert jaxpatch.load_pretrained(out).dtype == jnp.float32  # fine in float32
+    with pytest.raises(jaxpatch.NonFiniteError, match="W_O"):
+        jaxpatch.load_pretrained(out, dtype="float16")
