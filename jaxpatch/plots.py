@@ -72,13 +72,6 @@ def _metric_name(result: PatchResult, metric: str | None) -> str:
     return metric
 
 
-def _run_baseline(result: PatchResult, i: int) -> np.ndarray:
-    """Mean metric of the run being patched (per corrupted set when there are several)."""
-    if result.direction == "denoise" and result.corrupt is not None:
-        return np.asarray(result.corrupt)[..., i, :].mean(axis=-1)
-    return np.asarray(result.clean)[i].mean(axis=-1)
-
-
 def effect(result: PatchResult, metric: str | None = None, normalized: bool = True,
            corrupt_set: int | None = None) -> tuple[np.ndarray, str, bool]:
     """The grid a plot shows: ``(values, colour-bar label, is_normalized)``.
@@ -88,7 +81,6 @@ def effect(result: PatchResult, metric: str | None = None, normalized: bool = Tr
     ``corrupt_set`` axis is averaged over, or indexed by ``corrupt_set``.
     """
     name = _metric_name(result, metric)
-    i = result.metrics.index(name)
     vals = None
     is_norm = False
     if normalized and result.corrupt is not None:
@@ -98,11 +90,7 @@ def effect(result: PatchResult, metric: str | None = None, normalized: bool = Tr
         except JaxpatchError:
             vals = None
     if vals is None:
-        base = _run_baseline(result, i)
-        raw = np.asarray(result.values(name), np.float64)
-        if "corrupt_set" in result.axes and np.ndim(base) == 1:
-            base = base.reshape((-1,) + (1,) * (raw.ndim - 1))
-        vals = raw - base
+        vals = np.asarray(result.effects(name), np.float64)  # each corrupted set against its own run
     if "corrupt_set" in result.axes:
         if corrupt_set is None:
             vals = vals.mean(axis=0)
