@@ -1,11 +1,13 @@
 """Optional progress bars.
 
-A sweep is one compiled program; it advances a bar once per chunk through a host callback
-(:func:`jaxpatch.sweep.run`, ``progress=``). This module decides when bars are shown, and
+A sweep with a bar runs its chunks as a few equal dispatches of one compiled program and advances
+the bar (counted in chunks) as each dispatch finishes (:func:`jaxpatch.sweep.run`, ``progress=``);
+there is no host callback inside the program, which would keep it out of JAX's persistent
+compilation cache (:mod:`jaxpatch.compile_cache`). This module decides when bars are shown, and
 :func:`progress` wraps loops over several sweeps (the CLI's ``demo``) in ``tqdm``, only when that
 helps a person watching a terminal:
 
-* tqdm is importable (it is an optional dependency: ``pip install jaxpatch[plots]``),
+* tqdm is importable (a dependency of jaxpatch; a broken install just loses the bars),
 * the bar is not disabled: neither ``progress=False`` nor the environment variable
   ``JAXPATCH_NO_PROGRESS`` set to anything but ``""``/``"0"``,
 * and standard error is a terminal (``progress=True`` skips this check, e.g. in a notebook).

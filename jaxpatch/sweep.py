@@ -255,7 +255,7 @@ class CustomMetric:
     last_only: bool
 
 
-def _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_stacked, offsets, metric, n_pos, bar_id=None):
+def _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_stacked, offsets, metric, n_pos):
     blocks = params["blocks"]
 
     def make_branch(s):
@@ -286,8 +286,6 @@ def _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_
 
     def chunk_fn(args):
         idx, start, bucket = args
-        if bar_id is not None:  # one host callback per chunk (never per patch) to move a progress bar
-            jax.debug.callback(_tick, bar_id)
         if len(branches) == 1:
             return branches[0](idx, start)
         return jax.lax.switch(bucket, branches, idx, start)
@@ -295,26 +293,75 @@ def _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_
     return chunk_fn
 
 
-#: Progress bars of running sweeps, by id; the compiled program ticks them through _tick.
-_BARS: dict[int, Any] = {}
-#: ``{"total": chunks, "done": chunks ticked}`` of the last sweep that showed a bar.
+#: Most dispatches a sweep with a progress bar is split into (see :func:`_run_with_bar`).
+MAX_PROGRESS_GROUPS = 8
+#: ``{"total": chunks, "done": chunks finished, "updates": times the bar moved}`` of the last
+#: sweep that showed a bar.
 last_progress: dict[str, int] = {}
 
 
-def _tick(bar_id):
-    bar = _BARS.get(int(bar_id))
-    if bar is not None:
-        bar.update(1)
+def _progress_groups(n_chunks: int, n_dev: int, max_groups: int = MAX_PROGRESS_GROUPS) -> tuple[int, int]:
+    """``(groups, chunks per group)``: at most ``max_groups`` equal groups, each a multiple of
+    ``n_dev`` chunks (``n_chunks`` is one already, see :func:`plan`); the last may need padding."""
+    units = max(1, n_chunks // n_dev)
+    per = math.ceil(units / min(max_groups, units))
+    return math.ceil(units / per), per * n_dev
 
 
-@partial(jax.jit, static_argnames=("config", "site", "paired", "source_stacked", "offsets", "metric", "n_pos", "mesh", "progress"))
-def _core(config, params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_bucket, bar_id, *, site, paired,
-          source_stacked, offsets, metric, n_pos, mesh, progress=False):
+def _run_with_bar(core, idx, chunk_start, chunk_bucket, n_layers: int, n_dev: int, desc: str):
+    """``core(idx, chunk_start, chunk_bucket)`` run as a few equal dispatches, advancing a tqdm
+    bar (in chunks) as each finishes; returns what one ``core`` call on all chunks returns.
+
+    Why not a host callback inside the program: JAX never writes executables that contain host
+    callbacks to its persistent compilation cache (``_cache_write`` in ``jax/_src/compiler.py``),
+    so every process would recompile a sweep that draws a bar that way. Here the program is the
+    plain one, cacheable, and the host loops over at most :data:`MAX_PROGRESS_GROUPS` dispatch
+    groups, never over patches: every group is dispatched before the first is waited on
+    (asynchronous dispatch keeps the device busy), then the host waits for them in order, one
+    sync per group. All groups have the same shape (one compile); the last is padded with
+    chunks that run no layer (``chunk_start = n_layers``), whose outputs are dropped.
+    """
+    from tqdm import tqdm
+
+    n_chunks = len(chunk_start)
+    groups, per = _progress_groups(n_chunks, n_dev)
+    pad = groups * per - n_chunks
+
+    def padded(a, fill=None):
+        a = np.asarray(a)
+        extra = np.repeat(a[-1:], pad, axis=0) if fill is None else np.full((pad,) + a.shape[1:], fill, a.dtype)
+        return np.concatenate([a, extra]) if pad else a
+
+    idx = {k: padded(v) for k, v in idx.items()}
+    chunk_start, chunk_bucket = padded(chunk_start, n_layers), padded(chunk_bucket, 0)
+    bar = tqdm(total=n_chunks, desc=desc, unit="chunk", leave=False, dynamic_ncols=True)
+    updates = 0
+    try:
+        outs = []
+        for g in range(groups):  # dispatch every group (asynchronous): at most MAX_PROGRESS_GROUPS
+            sl = slice(g * per, (g + 1) * per)
+            outs.append(core({k: jnp.asarray(v[sl]) for k, v in idx.items()}, jnp.asarray(chunk_start[sl]),
+                             jnp.asarray(chunk_bucket[sl])))
+        for g, o in enumerate(outs):  # one host sync per group, in order
+            jax.block_until_ready(o)
+            bar.update(min(per, n_chunks - g * per))
+            updates += 1
+    finally:
+        last_progress.clear()
+        last_progress.update(total=n_chunks, done=int(bar.n), updates=updates)
+        bar.close()
+    if groups == 1 and not pad:
+        return outs[0]
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs)[:n_chunks], *outs)
+
+
+@partial(jax.jit, static_argnames=("config", "site", "paired", "source_stacked", "offsets", "metric", "n_pos", "mesh"))
+def _core(config, params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_bucket, *, site, paired,
+          source_stacked, offsets, metric, n_pos, mesh):
     """``idx``: site-axis -> ``[n_chunks, chunk(, K)]``. Returns ``[n_chunks, chunk, M, B]``."""
 
     def run_chunks(params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_bucket):
-        fn = _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_stacked, offsets, metric, n_pos,
-                       bar_id if progress else None)
+        fn = _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_stacked, offsets, metric, n_pos)
         return jax.lax.map(fn, (idx, chunk_start, chunk_bucket))
 
     if mesh is None:
@@ -362,9 +409,11 @@ def run(
         position_buckets: how many static position offsets a chunk may start from (1 disables
             position-prefix reuse; each bucket is one more compiled branch). ``"auto"`` weighs the
             extra compile time against the FLOPs saved (see :func:`auto_buckets`).
-        progress: a tqdm bar advanced once per chunk (a host callback per chunk, never per
-            patch): ``None`` shows it on a terminal only, ``True`` forces it, ``False`` never
-            (see :mod:`jaxpatch.progress`). Toggling it compiles a second program.
+        progress: a tqdm bar counting chunks: ``None`` shows it on a terminal only, ``True``
+            forces it, ``False`` never (see :mod:`jaxpatch.progress`). With a bar the chunks
+            run as a few equal dispatches (at most :data:`MAX_PROGRESS_GROUPS`, never one per
+            patch; see :func:`_run_with_bar`), so toggling it compiles a second program; both
+            are cacheable.
     """
     check(sweep, config, n_pos)
     if mesh == "auto":
@@ -386,24 +435,12 @@ def run(
     idx = {a: jnp.asarray(np.asarray(v)[pl.order].reshape((n_chunks, pl.chunk) + np.shape(v)[1:])) for a, v in sweep.index.items()}
     from . import progress as _progress
 
-    show = _progress.enabled(progress)
-    bar_id = len(_BARS) + 1 if show else 0
-    if show:
-        from tqdm import tqdm
-
-        _BARS[bar_id] = tqdm(total=n_chunks, desc=f"sweep {sweep.site}", unit="chunk", leave=False, dynamic_ncols=True)
-    try:
-        out = _core(config, params, run_ivs, dict(run_cache), source, dict(ctx), idx, jnp.asarray(pl.chunk_start),
-                    jnp.asarray(pl.chunk_bucket), jnp.asarray(bar_id, jnp.int32), site=sweep.site, paired=sweep.joint,
-                    source_stacked=source_stacked, offsets=pl.offsets, metric=metric, n_pos=n_pos, mesh=mesh, progress=show)
-        if show:
-            jax.block_until_ready(out)
-            jax.effects_barrier()  # every tick has run
-    finally:
-        if show:
-            bar = _BARS.pop(bar_id)
-            last_progress.update(total=n_chunks, done=int(bar.n))
-            bar.close()
+    core = partial(_core, config, params, run_ivs, dict(run_cache), source, dict(ctx), site=sweep.site, paired=sweep.joint,
+                   source_stacked=source_stacked, offsets=pl.offsets, metric=metric, n_pos=n_pos, mesh=mesh)
+    if _progress.enabled(progress):  # a bar: a few equal dispatches, no host callback (see _run_with_bar)
+        out = _run_with_bar(core, idx, pl.chunk_start, pl.chunk_bucket, config.n_layers, n_dev, f"sweep {sweep.site}")
+    else:
+        out = core(idx, jnp.asarray(pl.chunk_start), jnp.asarray(pl.chunk_bucket))
     out = out.reshape((n_chunks * pl.chunk,) + out.shape[2:])
     # Undo the execution order on device (no host round trip): position i ran patch order[i].
     inv = np.empty(sweep.size, np.int64)
