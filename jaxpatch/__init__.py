@@ -3,6 +3,7 @@
 The public API, re-exported here; everything else is internal.
 """
 
+from . import compile_cache as compile_cache; compile_cache.setup()  # noqa: E702  (persistent XLA cache; see compile_cache.py)
 from ._errors import (
     CheckpointError as CheckpointError,
     InputError as InputError,

@@ -167,17 +167,22 @@ def activation_patch(
             (default per site: residual/attn_out/mlp_out by layer x pos, heads by layer x head over
             all positions, neurons by layer x neuron).
         patches: instead of ``by``: explicit rows (see :func:`jaxpatch.sweep.from_rows`), each a
-            component or a list of components patched jointly.
+            component (``{"layer": 3, "pos": 5}``) or a list of components patched jointly.
+            A component patches exactly the indices it gives and the whole of every axis it does
+            not give; components may give different axes. Unknown keys are errors.
         direction: ``"denoise"`` or ``"noise"``.
         baseline: ``"resample"``, ``"mean"``, ``"zero"`` or ``"noise"`` (see module docstring).
         metrics: metric names (see :mod:`jaxpatch.metrics`) and/or callables of answer-position
-            logits ``[batch, d_vocab] -> [batch]``; all computed from the same patched runs.
+            logits ``[batch, d_vocab] -> [batch]``; all computed from the same patched runs. A
+            callable is traced afresh on every call, so arrays and globals it reads are always
+            current (as for the baselines); give callables distinct ``__name__`` s.
         answer: int token per prompt (or one for all) whose logit the metrics read.
         wrong: contrast token per prompt, for ``logit_diff``.
         answer_pos: position whose logits are read (default last), per prompt or one for all.
         reference_tokens: prompts whose mean activation is the ``mean`` baseline (default: the
             corrupted prompts if given, else the clean ones).
-        noise_positions: positions whose embeddings the ``noise`` baseline corrupts.
+        noise_positions: positions whose embeddings the ``noise`` baseline corrupts: integer
+            indices, or a boolean mask with one entry per position.
         noise_scale, n_noise, seed: Gaussian-noise corruption settings.
         token_labels: a vocabulary list or ``ids -> strings`` function to label positions.
         chunk_size: patches per vectorised chunk (memory/speed knob).
@@ -188,6 +193,11 @@ def activation_patch(
 
     Returns:
         a :class:`PatchResult`.
+
+    Raises:
+        InputError: a bad argument (named, with what is valid).
+        NonFiniteError: a NaN/inf in a baseline run, or in a patched run's logits or metric
+            values (the message names the patches).
     """
     if direction not in DIRECTIONS:
         raise InputError(f"direction must be one of {DIRECTIONS}, got {direction!r}.")
