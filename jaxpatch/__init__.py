@@ -8,6 +8,7 @@ from ._errors import (
     CheckpointError as CheckpointError,
     InputError as InputError,
     JaxpatchError as JaxpatchError,
+    NonFiniteError as NonFiniteError,
     UnknownSiteError as UnknownSiteError,
     UnsupportedArchitectureError as UnsupportedArchitectureError,
 )

@@ -34,11 +34,12 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from . import metrics as _metrics
-from ._errors import InputError
+from ._errors import InputError, NonFiniteError
 from .config import ModelConfig
-from .interventions import NONE, Edit, Interventions
+from .interventions import ALL, NONE, Edit, Interventions
 from .models import gpt2
 from .sites import SITES
+from .user_metric import TracedMetric
 
 #: Grid-axis names a user may sweep over, and the site axis each indexes.
 GRID_AXES = {"layer": "layer", "pos": "pos", "head": "head", "neuron": "d_mlp", "dest_pos": "q_pos", "src_pos": "k_pos"}
@@ -52,7 +53,9 @@ class Sweep:
         site: canonical per-layer site name (e.g. ``"blocks.attn.hook_z"``).
         index: site-axis name (``"layer"``, ``"pos"``, ``"head"``, ``"q_pos"``, ``"k_pos"``,
             ``"d_mlp"``) -> int array ``[P]``, or ``[P, K]`` to patch K components jointly.
-            Axes of the site not indexed are patched whole (e.g. a head over all positions).
+            Axes of the site not indexed are patched whole (e.g. a head over all positions); an
+            entry equal to :data:`jaxpatch.interventions.ALL` patches that axis whole for that
+            component only (rows whose components give different axes).
         grid_axes: names of the result grid's axes (``("layer", "pos")``); ``P`` equals the
             product of ``grid_shape`` when the sweep is a full grid, else ``grid_axes == ("patch",)``.
         grid_shape: the result grid's shape.
@@ -94,6 +97,9 @@ def grid(config: ModelConfig, site: str, axes, n_pos: int) -> Sweep:
             raise InputError(f"Site {site!r} has axes {site_obj.axes}; cannot sweep over {a!r}.")
     if "layer" not in axes:
         raise InputError(f"A sweep always includes 'layer'; got axes {axes}.")
+    dup = sorted({a for a in axes if axes.count(a) > 1})
+    if dup:
+        raise InputError(f"by= names axis {dup} more than once ({axes}); give each sweep axis once.")
     shape = tuple(sizes[GRID_AXES[a]] for a in axes)
     mesh = np.meshgrid(*[np.arange(n, dtype=np.int32) for n in shape], indexing="ij")
     index = {GRID_AXES[a]: m.reshape(-1) for a, m in zip(axes, mesh)}
@@ -103,25 +109,39 @@ def grid(config: ModelConfig, site: str, axes, n_pos: int) -> Sweep:
 def from_rows(config: ModelConfig, site: str, rows, n_pos: int) -> Sweep:
     """A sweep from explicit rows: a list of dicts (one component each) or of lists of dicts
     (components patched jointly), e.g. ``[{"layer": 3, "head": 1}, [{"layer": 4, "head": 0},
-    {"layer": 5, "head": 2}]]``; every row must have the same number of components."""
-    rows = [r if isinstance(r, (list, tuple)) else [r] for r in rows]
+    {"layer": 5, "pos": 2}]]``. Every row must have the same number of components.
+
+    Each component patches exactly the indices it gives; a site axis it does not give is patched
+    whole (``{"layer": 4}`` is the whole of layer 4's activation), and components may give
+    different axes. Keys are grid-axis names (``layer``, ``pos``, ``head``, ``neuron``,
+    ``dest_pos``, ``src_pos``); every component must give ``layer``; unknown keys and non-integer
+    values are errors wherever they appear.
+    """
+    if isinstance(rows, dict) or not isinstance(rows, (list, tuple)):
+        raise InputError(f"patches= must be a list of rows (dicts, or lists of dicts patched jointly); got {type(rows).__name__}.")
+    rows = [list(r) if isinstance(r, (list, tuple)) else [r] for r in rows]
     if not rows:
         raise InputError("A sweep needs at least one patch.")
     k = len(rows[0])
-    if any(len(r) != k for r in rows):
-        raise InputError("Every joint patch in one sweep must have the same number of components.")
-    keys = set(rows[0][0])
-    index = {}
-    for key in keys:
-        if key not in GRID_AXES:
-            raise InputError(f"Unknown index {key!r}; valid: {list(GRID_AXES)}.")
-    for key in keys:
-        try:
-            index[GRID_AXES[key]] = np.array([[c[key] for c in r] for r in rows], dtype=np.int32)
-        except KeyError as e:
-            raise InputError(f"Every component must give the same indices; one lacks {e.args[0]!r}.") from None
-    if "layer" not in index:
-        raise InputError("Every component must give its 'layer'.")
+    if k == 0 or any(len(r) != k for r in rows):
+        raise InputError(f"Every joint patch in one sweep must have the same (non-zero) number of components; "
+                         f"got {sorted({len(r) for r in rows})}.")
+    keys: set[str] = set()
+    for i, r in enumerate(rows):
+        for comp in r:
+            if not isinstance(comp, Mapping):
+                raise InputError(f"patches row {i}: a component must be a dict like {{'layer': 3, 'pos': 5}}; got {comp!r}.")
+            unknown = [key for key in comp if key not in GRID_AXES]
+            if unknown:
+                raise InputError(f"patches row {i}: unknown index {unknown[0]!r} in {dict(comp)}; valid: {list(GRID_AXES)}.")
+            if "layer" not in comp:
+                raise InputError(f"patches row {i}: every component must give its 'layer'; got {dict(comp)}.")
+            for key, val in comp.items():
+                if isinstance(val, bool) or not isinstance(val, (int, np.integer)):
+                    raise InputError(f"patches row {i}: {key}={val!r} must be an int (one index per component; "
+                                     f"list several components to patch several indices).")
+            keys |= set(comp)
+    index = {GRID_AXES[key]: np.array([[c.get(key, ALL) for c in r] for r in rows], dtype=np.int32) for key in sorted(keys)}
     if k == 1:
         index = {a: v[:, 0] for a, v in index.items()}
     sweep = Sweep(site, index, ("patch",), (len(rows),))
@@ -139,7 +159,11 @@ def check(sweep: Sweep, config: ModelConfig, n_pos: int) -> None:
         if axis != "layer" and axis not in site.axes:
             raise InputError(f"Site {sweep.site!r} has axes {site.axes}; cannot index {axis!r}.")
         idx = np.asarray(idx)
-        bad = idx[(idx < 0) | (idx >= sizes[axis])]
+        if not np.issubdtype(idx.dtype, np.integer):
+            raise InputError(f"{axis} indices must be integers; got dtype {idx.dtype}.")
+        if axis == "layer" and np.any(idx == ALL):
+            raise InputError("Every patch must give its layer.")
+        bad = idx[((idx < 0) | (idx >= sizes[axis])) & (idx != ALL)]
         if bad.size:
             name = {"d_mlp": "neuron", "q_pos": "dest_pos", "k_pos": "src_pos"}.get(axis, axis)
             raise InputError(f"{name} index {sorted(set(bad.tolist()))[:10]} out of range: valid 0..{sizes[axis] - 1}.")
@@ -160,9 +184,11 @@ class Plan:
 
 
 def _pos_key(sweep: Sweep) -> np.ndarray:
+    """First position each patch can change (0 where a component covers every position)."""
     for axis in ("pos", "q_pos"):
         if axis in sweep.index:
             idx = np.asarray(sweep.index[axis])
+            idx = np.where(idx == ALL, 0, idx)
             return idx.min(axis=1) if idx.ndim == 2 else idx
     return np.zeros(sweep.size, np.int32)
 
@@ -248,11 +274,14 @@ def minimal_rows(sweep: Sweep, n_layers: int, n_pos: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class CustomMetric:
-    """A user metric of full logits ``[B, T, V] -> scalar`` (TransformerLens style). Hashable by
-    identity of ``fn``. ``last_only``: the metric reads only the last position's logits."""
+    """A user metric of full logits ``[B, T, V] -> scalar`` (TransformerLens style), traced so that
+    compiled programs key on its structure and take its constants as data (``ctx["metric_consts"]``;
+    see :mod:`jaxpatch.user_metric`). ``first_pos``: the first position the metric can read,
+    proved from its traced program (:func:`jaxpatch.user_metric.first_position_read`); logits of
+    earlier positions are not computed (the metric provably ignores them)."""
 
-    fn: Callable
-    last_only: bool
+    fn: TracedMetric
+    first_pos: int
 
 
 def _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_stacked, offsets, metric, n_pos):
@@ -268,17 +297,17 @@ def _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_
             x0 = x0[:, s:]
             x = gpt2.run_blocks_from(config, blocks, x0, start, ivs, pos_offset=s, prefix_kv=(cache["k"], cache["v"]) if s else None)
             if isinstance(metric, CustomMetric):
-                if metric.last_only:
-                    last = gpt2.logits_at(config, params, x[:, -1:])
-                    full = jnp.zeros(last.shape[:1] + (n_pos,) + last.shape[2:], last.dtype)
-                    full = jax.lax.dynamic_update_slice_in_dim(full, last, n_pos - 1, axis=1)
-                else:
-                    full = gpt2.logits_at(config, params, x)
-                val = jnp.asarray(metric.fn(full))
-                return jnp.reshape(val, (1, 1)).astype(jnp.float32)
+                read = gpt2.logits_at(config, params, x[:, metric.first_pos - s:])  # positions first_pos..
+                full = read
+                if metric.first_pos:  # earlier positions provably unread: zeros, never computed
+                    full = jnp.zeros(read.shape[:1] + (n_pos,) + read.shape[2:], read.dtype)
+                    full = jax.lax.dynamic_update_slice_in_dim(full, read, metric.first_pos, axis=1)
+                val = jnp.asarray(metric.fn(ctx["metric_consts"], full))
+                val = jnp.reshape(val, (1, 1)).astype(jnp.promote_types(val.dtype, jnp.float32))
+                return val, jnp.all(jnp.isfinite(read))
             rows = jnp.take_along_axis(x, (ctx["answer_pos"] - s)[:, None, None], axis=1)  # [B, 1, D]
             logits = gpt2.logits_at(config, params, rows)[:, 0]
-            return _metrics.compute(metric, logits, ctx["answer"], ctx.get("wrong"), ctx.get("clean_logprobs"))
+            return _metrics.compute_ctx(metric, logits, ctx), jnp.all(jnp.isfinite(logits))
 
         return lambda idx, start: jax.vmap(one, in_axes=(0, None))(idx, start)
 
@@ -358,7 +387,9 @@ def _run_with_bar(core, idx, chunk_start, chunk_bucket, n_layers: int, n_dev: in
 @partial(jax.jit, static_argnames=("config", "site", "paired", "source_stacked", "offsets", "metric", "n_pos", "mesh"))
 def _core(config, params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_bucket, *, site, paired,
           source_stacked, offsets, metric, n_pos, mesh):
-    """``idx``: site-axis -> ``[n_chunks, chunk(, K)]``. Returns ``[n_chunks, chunk, M, B]``."""
+    """``idx``: site-axis -> ``[n_chunks, chunk(, K)]``. Returns the metric values
+    ``[n_chunks, chunk, M, B]`` and whether each patched run's logits were all finite
+    ``[n_chunks, chunk]``."""
 
     def run_chunks(params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_bucket):
         fn = _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_stacked, offsets, metric, n_pos)
@@ -421,13 +452,15 @@ def run(
     n_dev = 1 if mesh is None else mesh.size
     B = int(run_cache["resid"].shape[1])  # prompts per patched run (sizes the chunks)
     if isinstance(metric, CustomMetric):
-        max_offset = n_pos - 1 if metric.last_only else 0
+        max_offset = metric.first_pos
     else:
         max_offset = int(np.min(np.asarray(ctx["answer_pos"])))
     if position_buckets == "auto":
         position_buckets = auto_buckets(config, sweep, B, n_pos, max_offset)
     if not isinstance(position_buckets, int) or position_buckets < 1:
         raise InputError(f"position_buckets must be 'auto' or an int >= 1, got {position_buckets!r}.")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
+        raise InputError(f"chunk_size must be None (automatic) or an int >= 1 (patches per vectorised chunk); got {chunk_size!r}.")
     if chunk_size is None:
         chunk_size = default_chunk_size(sweep, B, n_pos, position_buckets)
     pl = plan(sweep, config.n_layers, n_pos, max_offset, chunk_size, n_dev, position_buckets)
@@ -441,8 +474,42 @@ def run(
         out = _run_with_bar(core, idx, pl.chunk_start, pl.chunk_bucket, config.n_layers, n_dev, f"sweep {sweep.site}")
     else:
         out = core(idx, jnp.asarray(pl.chunk_start), jnp.asarray(pl.chunk_bucket))
-    out = out.reshape((n_chunks * pl.chunk,) + out.shape[2:])
-    # Undo the execution order on device (no host round trip): position i ran patch order[i].
+    vals, finite = out
+    vals = vals.reshape((n_chunks * pl.chunk,) + vals.shape[2:])
+    # Undo the execution order on device: position i ran patch order[i].
     inv = np.empty(sweep.size, np.int64)
     inv[pl.order[: sweep.size]] = np.arange(sweep.size)
-    return out[jnp.asarray(inv)], pl
+    inv = jnp.asarray(inv)
+    vals = vals[inv]
+    # One [P] bool transfer after the whole sweep (never per patch): a NaN/inf in a patched run
+    # is reported with the patch that produced it instead of flowing into tables and plots.
+    ok = np.asarray(finite.reshape(-1)[inv] & jnp.all(jnp.isfinite(vals), axis=tuple(range(1, vals.ndim))))
+    if not ok.all():
+        raise_nonfinite(sweep, np.flatnonzero(~ok))
+    return vals, pl
+
+
+def describe_patch(sweep: Sweep, i: int) -> str:
+    """A patch's indices in the user's terms, e.g. ``layer=2, pos=5`` (joint: ``[...] + [...]``)."""
+    names = {"d_mlp": "neuron", "q_pos": "dest_pos", "k_pos": "src_pos"}
+
+    def comp(k=None):
+        parts = []
+        for a, v in sweep.index.items():
+            x = int(np.asarray(v)[i] if k is None else np.asarray(v)[i, k])
+            parts.append(f"{names.get(a, a)}={'all' if x == ALL else x}")
+        return ", ".join(parts)
+
+    if not sweep.joint:
+        return comp()
+    return " + ".join(f"[{comp(k)}]" for k in range(np.asarray(sweep.index["layer"]).shape[1]))
+
+
+def raise_nonfinite(sweep: Sweep, bad: np.ndarray):
+    shown = "; ".join(f"#{int(i)} ({describe_patch(sweep, int(i))})" for i in bad[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    raise NonFiniteError(
+        f"{len(bad)} of {sweep.size} patches of {sweep.site!r} produced NaN or inf logits or metric values: "
+        f"{shown}{more}. Check the source activations and the metric (a log of zero, a division by zero), "
+        f"and the model's weights and dtype (float16 overflows)."
+    )
