@@ -104,6 +104,19 @@ def test_jax_cache_disabled_by_user_is_respected(tmp_path):
     assert r["jax_dir"] is None and r["reason"] == "disabled"
 
 
+def test_cache_works_when_jax_compiled_before_jaxpatch_was_imported(tmp_path):
+    # JAX decides once per process whether a cache is in use, at its first compile; jaxpatch
+    # imported afterwards must still get its programs cached.
+    code = """
+    import jax, jax.numpy as jnp
+    jax.jit(lambda x: x * 2)(jnp.ones(3)).block_until_ready()
+    import jaxpatch
+    jax.jit(lambda x: jnp.cos(x) + 1)(jnp.ones(3)).block_until_ready()
+    """
+    _python(code, _env(tmp_path, JAXPATCH_CACHE_DIR=str(tmp_path / "cache")))
+    assert "jit__lambda" in [p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()]
+
+
 def test_unwritable_dir_warns_once_and_import_works(tmp_path):
     # A path below a regular file cannot be created, even by root (CI may run as root, which
     # ignores directory permissions).
