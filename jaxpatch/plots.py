@@ -1,4 +1,4 @@
-"""Figures of patching results (matplotlib, an optional dependency: ``pip install jaxpatch[plots]``).
+"""Figures of patching results (matplotlib, a core dependency of jaxpatch).
 
 Every plot shows *signed* effects on a diverging colour map centred at zero (``vmin = -vmax``,
 ``vmax = max |value|``; red = positive, blue = negative, white = no effect), so components that
@@ -50,7 +50,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise JaxpatchError("Plotting needs matplotlib: pip install 'jaxpatch[plots]' (or matplotlib).") from None
+        raise JaxpatchError("Plotting needs matplotlib, a dependency of jaxpatch: reinstall jaxpatch, or pip install matplotlib.") from None
     if "matplotlib.pyplot" not in sys.modules and not os.environ.get("MPLBACKEND"):
         headless = sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
         if headless:
