@@ -12,11 +12,23 @@ AtP* adds two corrections:
   scores and only the map from the pattern to the metric is linearised:
   ``(pattern_patched - pattern_run) · ∂metric/∂pattern``. Plain AtP misses patches that move a
   saturated softmax.
-* **GradDrop.** For each layer l, the gradient is recomputed with the backward flow through layer
-  l's reads of the residual stream (its two layer norms) stopped; the estimate is
-  ``Σ_l |AtP_{-l}(n)| / (L - 1)``, which exposes components whose direct and indirect effects
-  cancel. The L variants share one forward pass (:func:`~jaxpatch.interventions.grad_gate`); only
-  the backward is batched.
+* **GradDrop.** For each layer l, ``AtP_{-l}`` recomputes the gradient with the backward flow
+  through layer l's *contribution to the residual stream* dropped: the gradient is zeroed at
+  layer l's outputs, ``blocks.{l}.hook_attn_out`` and ``blocks.{l}.hook_mlp_out`` (the paper's
+  definition). The estimate is ``Σ_l |AtP_{-l}(n)| / (L - 1)``, which exposes components whose
+  direct and indirect effects cancel. A component inside block l (q/k/v, scores, pattern, z,
+  attn_out, the layer norms, MLP pre/post, mlp_out) reaches the output only through layer l's
+  outputs, so its own layer's term is exactly zero and L - 1 terms remain (dropping an earlier
+  layer leaves its gradient unchanged: those terms equal ``|AtP(n)|``). The L variants share one
+  forward pass (:func:`~jaxpatch.interventions.grad_gate`); only the backward is batched.
+
+  Residual-stream nodes (``resid_pre``/``resid_mid``/``resid_post``) are not in the paper. They
+  sit on the skip path, so no variant zeroes them (``resid_pre`` of layer l keeps its direct path
+  when layer l is dropped; ``resid_post`` of layer l is downstream of layers 0..l, whose terms all
+  equal ``|AtP|``); jaxpatch divides their sum by L instead, so that, as for components, GradDrop
+  equals ``|AtP(n)|`` when no drop changes the node's gradient (e.g. ``resid_post`` of the last
+  layer). Scores of residual and component sites are therefore on the same scale.
+
 """
 
 from __future__ import annotations
@@ -42,7 +54,10 @@ from .sites import SITES
 from .sweep import GRID_AXES
 
 _QK = ("blocks.attn.hook_q", "blocks.attn.hook_k")
-_GD_SITES = ("blocks.ln1.hook_scale", "blocks.ln1.hook_normalized", "blocks.ln2.hook_scale", "blocks.ln2.hook_normalized")
+#: GradDrop gates: layer l's contribution to the residual stream (its attention and MLP outputs).
+_GD_SITES = ("blocks.hook_attn_out", "blocks.hook_mlp_out")
+#: Residual-stream sites: no GradDrop variant zeroes them, so their sum is divided by L, not L - 1.
+_RESID_SITES = frozenset({"blocks.hook_resid_pre", "blocks.hook_resid_mid", "blocks.hook_resid_post"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +84,9 @@ def _metric_fn(metric):
 def _run_and_grad(config, params, tokens, ctx, *, sites, names, drop):
     """Metric per prompt, the run's activations at ``sites`` and ∂(Σ metric)/∂activation there.
 
-    With ``drop`` the gradients get a leading ``[n_layers]`` axis: variant l stops the backward
-    flow through layer l's layer-norm reads (GradDrop); the forward pass is shared.
+    With ``drop`` the gradients get a leading ``[n_layers]`` axis: variant l zeroes the gradient at
+    layer l's attention and MLP outputs (GradDrop); the forward pass is shared. The gates come
+    after any delta at those sites, so a delta at layer l's attn_out/mlp_out gets zero in variant l.
     """
     B, T = tokens.shape
     L = config.n_layers
@@ -211,7 +227,9 @@ def _atp_core(config, params, run_tokens, src_tokens, ctx, *, sites, names, targ
     for t in targets:
         if method == "atp*":
             per_drop = jax.vmap(lambda g: estimate(t, g))(grads)  # [L, *grid, B]
-            ests.append(jnp.sum(jnp.abs(per_drop), axis=0) / (config.n_layers - 1))
+            # Components: their own layer's term is 0, L - 1 remain. Residual nodes: none is 0.
+            n_terms = config.n_layers if t.site in _RESID_SITES else config.n_layers - 1
+            ests.append(jnp.sum(jnp.abs(per_drop), axis=0) / n_terms)
         else:
             ests.append(estimate(t, grads))
     return m_run, m_src, tuple(ests)

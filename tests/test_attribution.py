@@ -162,8 +162,9 @@ def test_float32_agrees_with_float64(method, direction):
 
 
 def test_graddrop_equals_loop_of_stopped_gradients():
-    """AtP* GradDrop == Σ_l |AtP with the gradient through layer l's layer-norm reads stopped| / (L-1),
-    each variant computed separately by a plain jax.grad with stop_gradient."""
+    """AtP* GradDrop == Σ_l |AtP with the gradient at layer l's attn_out and mlp_out zeroed| / (L-1)
+    (the paper's definition: layer l's contribution to the residual stream), each variant computed
+    separately by a plain jax.grad through the public forward with a gradient gate on layer l."""
     from jaxpatch.models import gpt2
 
     m = scaled_model(scale=2.0)
@@ -177,7 +178,7 @@ def test_graddrop_equals_loop_of_stopped_gradients():
     for drop in range(L):
         def f(delta):
             iv = m.add("blocks.attn.hook_z", delta, stacked=True)
-            for s in ("blocks.ln1.hook_scale", "blocks.ln1.hook_normalized", "blocks.ln2.hook_scale", "blocks.ln2.hook_normalized"):
+            for s in ("blocks.hook_attn_out", "blocks.hook_mlp_out"):
                 iv = iv + jaxpatch.Interventions({s: (jaxpatch.Edit(layers=jnp.asarray(drop), value=None, grad_scale=jnp.zeros(())),)})
             lg = gpt2.forward(cfg, m.params, jnp.asarray(corrupt), iv)[0][:, -1]
             return jnp.sum(lg[b, ans] - lg[b, wrong])
