@@ -29,6 +29,8 @@ AtP* adds two corrections:
   equals ``|AtP(n)|`` when no drop changes the node's gradient (e.g. ``resid_post`` of the last
   layer). Scores of residual and component sites are therefore on the same scale.
 
+Entries equal in both runs contribute exactly zero, so masked attention scores (-inf in both runs)
+give 0, not ``-inf - (-inf) = NaN``.
 """
 
 from __future__ import annotations
@@ -110,6 +112,13 @@ def _run_and_grad(config, params, tokens, ctx, *, sites, names, drop):
     gates = 1.0 - jnp.eye(L, dtype=params["W_E"].dtype)  # row l: drop layer l
     grads = jax.vmap(lambda g: jax.grad(f, has_aux=True)(zeros, g)[0])(gates)
     return m, caps, grads
+
+
+def _first_order(src, run, g):
+    """``(src - run) · g`` elementwise, exactly 0 where ``src == run``: masked attention scores are
+    -inf in both runs (their difference would be NaN) and a non-finite gradient there must not
+    turn the zero into NaN either."""
+    return jnp.where(src == run, jnp.zeros((), g.dtype), (src - run) * g)
 
 
 def _reduce(prod, site: str, axes: tuple[str, ...]):
@@ -221,7 +230,7 @@ def _atp_core(config, params, run_tokens, src_tokens, ctx, *, sites, names, targ
             qk_run = {"q": run_caps["blocks.attn.hook_q"], "k": run_caps["blocks.attn.hook_k"]}
             qk_src = {"q": src_caps["blocks.attn.hook_q"], "k": src_caps["blocks.attn.hook_k"]}
             return _qk_fix(t.site, t.axes, qk_run, qk_src, g["blocks.attn.hook_pattern"], config.d_head)
-        return _reduce((src_caps[t.site] - run_caps[t.site]) * g[t.site], t.site, t.axes)
+        return _reduce(_first_order(src_caps[t.site], run_caps[t.site], g[t.site]), t.site, t.axes)
 
     ests = []
     for t in targets:
