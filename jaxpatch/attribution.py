@@ -162,6 +162,9 @@ def _leave_one_out(a, g, neutral):
 def _qk_fix(site, axes, run, src, g_pattern, d_head):
     """QK-fixed estimate ``[*grid, B]`` for a q or k site: exact softmax, linear after it.
 
+    ``axes`` is any order of ``layer`` with optional ``pos`` and ``head``; an axis not requested is
+    summed over (heads never interact before the pattern, and the map after it is linearised, so
+    a patch of several heads' queries/keys is the sum of the per-head estimates).
     ``run``/``src``: dicts with q, k stacked ``[L, B, T, N, H]``; ``g_pattern``: ∂m/∂pattern
     ``[L, B, N, T, S]``.
     """
@@ -199,12 +202,17 @@ def _qk_fix(site, axes, run, src, g_pattern, d_head):
             old = jnp.sum(p_run * g, axis=-1, keepdims=True)
             delta = new - old
             est = jnp.sum(jnp.where(causal, delta, 0.0), axis=-2)  # sum over queries t -> [L,B,N,S]
-    # est: [L, B, N, X] with X = pos (or 1 for all positions); reorder to the grid.
+    # est: [L, B, N, X] with X = pos (or 1 for all positions); sum what is not asked for, then
+    # reorder to the grid.
     est = jnp.transpose(est, (0, 3, 2, 1))  # [L, X, N, B]
+    have = ["layer", "pos", "head"]
     if not by_pos:
-        est = est[:, 0]  # [L, N, B]
-    order = {"layer": 0, "pos": 1, "head": 2} if by_pos else {"layer": 0, "head": 1}
-    perm = [order[a] for a in axes] + [len(order)]
+        est, have = est[:, 0], ["layer", "head"]  # [L, N, B]
+    for a in list(have):
+        if a not in axes:
+            est = jnp.sum(est, axis=have.index(a))
+            have.remove(a)
+    perm = [have.index(a) for a in axes] + [len(have)]
     return jnp.transpose(est, perm)
 
 
@@ -244,6 +252,26 @@ def _atp_core(config, params, run_tokens, src_tokens, ctx, *, sites, names, targ
     return m_run, m_src, tuple(ests)
 
 
+def _target(site, by, model) -> Target:
+    """Validate one ``(site, by)``: every axis known, present on the site, named once; ``layer`` in."""
+    c = _site(site, model)
+    if isinstance(by, str):
+        raise InputError(f"by must be a sequence of axis names such as ('layer', 'pos'), not the string {by!r}.")
+    axes = tuple(by or DEFAULT_AXES.get(c, ("layer",)))
+    valid = [a for a in GRID_AXES if a == "layer" or GRID_AXES[a] in SITES[c].axes]
+    rule = f"valid axes for {c!r}: {valid}, each at most once, 'layer' included"
+    for a in axes:
+        if a not in valid:
+            hint = " (attention scores and patterns are by 'dest_pos'/'src_pos', not 'pos')" if a == "pos" else ""
+            raise InputError(f"Cannot attribute {c!r} by={axes!r}: {a!r} is not an axis of this site{hint}; {rule}.")
+    repeated = [a for a in valid if axes.count(a) > 1]
+    if repeated:
+        raise InputError(f"Cannot attribute {c!r} by={axes!r}: {repeated} repeated; {rule}.")
+    if "layer" not in axes:
+        raise InputError(f"Cannot attribute {c!r} by={axes!r}: 'layer' missing; {rule}.")
+    return Target(c, axes)
+
+
 def attribution_patch(
     model: HookedModel,
     clean_tokens,
@@ -265,7 +293,10 @@ def attribution_patch(
     Args:
         model, clean_tokens, corrupt_tokens, direction, answer, wrong, answer_pos, token_labels:
             as for :func:`jaxpatch.activation_patch`.
-        site, by: one target (default residual stream by layer x position).
+        site, by: one target (default residual stream by layer x position). ``by`` names each grid
+            axis once, includes ``"layer"``, and uses only axes the site has: ``pos``, ``head``,
+            ``neuron``, ``dest_pos``/``src_pos`` (attention scores and pattern); result axes are in
+            the order given. Axes not named are summed over (e.g. q/k by ``("layer",)``).
         targets: several targets at once, ``[(site, by), ...]``; all share one backward pass.
         method: ``"atp"`` (plain), ``"atp*"`` (QK fix + GradDrop), or ``"atp+qk"`` (QK fix only).
         metric: one differentiable metric name or a callable of answer-position logits -> [batch].
@@ -275,6 +306,9 @@ def attribution_patch(
         ``values`` are the *estimated* metric after each patch (the run's metric plus the
         estimated change), so they compare directly with :func:`jaxpatch.activation_patch`.
         For ``atp*`` the GradDrop estimate is unsigned (a magnitude used for ranking).
+
+    Raises:
+        InputError: a ``by`` with an unknown, repeated or site-foreign axis, or without ``layer``.
     """
     if direction not in ("denoise", "noise"):
         raise InputError(f"direction must be 'denoise' or 'noise', got {direction!r}.")
@@ -289,14 +323,14 @@ def attribution_patch(
     B, T = clean.shape
     ans, wr, apos = answer_arrays(cfg, names, answer, wrong, answer_pos, B, T)
     single = targets is None
-    tlist = [Target(_site(site, model), tuple(by or DEFAULT_AXES.get(_site(site, model))))] if single else [
-        Target(_site(s, model), tuple(b or DEFAULT_AXES.get(_site(s, model)))) for s, b in targets]
-    for t in tlist:
-        for a in t.axes:
-            if a not in GRID_AXES or (a != "layer" and GRID_AXES[a] not in SITES[t.site].axes):
-                raise InputError(f"Cannot attribute {t.site!r} by {a!r}; its axes are {SITES[t.site].axes}.")
-        if t.site in ("blocks.attn.hook_pattern", "blocks.attn.hook_attn_scores") and "pos" in t.axes:
-            raise InputError("Attention-pattern attribution is by 'dest_pos'/'src_pos', not 'pos'.")
+    if single:
+        tlist = [_target(site, by, model)]
+    else:
+        tlist = []
+        for entry in targets:
+            if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+                raise InputError(f"targets entries must be (site, by) pairs; got {entry!r}.")
+            tlist.append(_target(entry[0], entry[1], model))
     qk = method in ("atp*", "atp+qk")
     sites = {t.site for t in tlist}
     if qk and sites & set(_QK):
