@@ -15,13 +15,13 @@ from ._errors import InputError
 from .cache import ActivationCache
 from .config import ModelConfig
 from .interventions import Interventions
-from .models import gpt2
+from . import models
 from .sites import SITES, all_full_names, name_filter, parse
 
 
 @partial(jax.jit, static_argnames=("config", "capture"))
-def _forward(config, params, tokens, interventions, capture):
-    return gpt2.forward(config, params, tokens, interventions, capture)
+def _forward(config, params, tokens, interventions, capture, attention_mask=None):
+    return models.forward(config, params, tokens, interventions, capture, attention_mask)
 
 
 def check_tokens(config: ModelConfig, tokens) -> jax.Array:
@@ -83,7 +83,7 @@ class HookedModel:
     @classmethod
     def from_config(cls, config: ModelConfig, seed: int = 0, dtype=jnp.float32) -> "HookedModel":
         """A model with random weights (for tests and toys)."""
-        return cls(config, gpt2.init_params(config, jax.random.PRNGKey(seed), dtype), name=f"random(seed={seed})")
+        return cls(config, models.init_params(config, jax.random.PRNGKey(seed), dtype), name=f"random(seed={seed})")
 
     @property
     def dtype(self):

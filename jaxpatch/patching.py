@@ -47,7 +47,6 @@ DEFAULT_AXES = {
 
 DIRECTIONS = ("denoise", "noise")
 BASELINES = ("resample", "mean", "zero", "noise")
-_RUN_SITES = frozenset({"blocks.hook_resid_pre", "blocks.attn.hook_k", "blocks.attn.hook_v"})
 
 
 def _site(name: str, model: HookedModel) -> str:
@@ -234,7 +233,7 @@ def activation_patch(
         spec = _sweep.grid(cfg, c, by or DEFAULT_AXES.get(c, ("layer",)), T)
 
     # --- the two reference runs and the run being patched -------------------------------------
-    capture = _RUN_SITES | {c}
+    capture = _sweep.run_sites(cfg) | {c}
     t0 = time.perf_counter()
     clean_logits, clean_caps = model.run(clean, capture=capture)
     noise_iv = None
@@ -291,7 +290,8 @@ def activation_patch(
             source = jnp.mean(model.run(ref, capture={c})[1][c], axis=1, keepdims=True)
         else:  # zero
             source, src_stacked = jnp.zeros((), model.dtype), False
-    run_cache = {"resid": run_caps["blocks.hook_resid_pre"], "k": run_caps["blocks.attn.hook_k"], "v": run_caps["blocks.attn.hook_v"]}
+    run_tokens = corrupt if direction == "denoise" else jnp.tile(clean, (rep, 1))
+    run_cache = _sweep.run_cache(cfg, run_caps, run_tokens)
     setup_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()

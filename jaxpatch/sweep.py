@@ -37,7 +37,7 @@ from . import metrics as _metrics
 from ._errors import InputError, NonFiniteError
 from .config import ModelConfig
 from .interventions import ALL, NONE, Edit, Interventions
-from .models import gpt2
+from . import models
 from .sites import SITES
 from .user_metric import TracedMetric
 
@@ -295,9 +295,10 @@ def _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_
             ivs = run_ivs + Interventions({site: (edit,)})
             x0 = jax.lax.dynamic_index_in_dim(cache["resid"], jnp.minimum(start, config.n_layers - 1), 0, keepdims=False)
             x0 = x0[:, s:]
-            x = gpt2.run_blocks_from(config, blocks, x0, start, ivs, pos_offset=s, prefix_kv=(cache["k"], cache["v"]) if s else None)
+            x = models.run_blocks_from(config, blocks, x0, start, cache["ctx"], ivs, pos_offset=s,
+                                       prefix_kv=(cache["k"], cache["v"]) if s else None)
             if isinstance(metric, CustomMetric):
-                read = gpt2.logits_at(config, params, x[:, metric.first_pos - s:])  # positions first_pos..
+                read = models.logits_at(config, params, x[:, metric.first_pos - s:])  # positions first_pos..
                 full = read
                 if metric.first_pos:  # earlier positions provably unread: zeros, never computed
                     full = jnp.zeros(read.shape[:1] + (n_pos,) + read.shape[2:], read.dtype)
@@ -306,7 +307,7 @@ def _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_
                 val = jnp.reshape(val, (1, 1)).astype(jnp.promote_types(val.dtype, jnp.float32))
                 return val, jnp.all(jnp.isfinite(read))
             rows = jnp.take_along_axis(x, (ctx["answer_pos"] - s)[:, None, None], axis=1)  # [B, 1, D]
-            logits = gpt2.logits_at(config, params, rows)[:, 0]
+            logits = models.logits_at(config, params, rows)[:, 0]
             return _metrics.compute_ctx(metric, logits, ctx), jnp.all(jnp.isfinite(logits))
 
         return lambda idx, start: jax.vmap(one, in_axes=(0, None))(idx, start)
@@ -402,6 +403,20 @@ def _core(config, params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_b
     return f(params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_bucket)
 
 
+def run_sites(config: ModelConfig) -> frozenset:
+    """Sites a run must capture to be patched by a sweep: its residual stream entering each layer
+    and the keys/values a suffix rerun reads for the positions it keeps (see :func:`run_cache`)."""
+    return frozenset({"blocks.hook_resid_pre", *models.kv_sites(config)})
+
+
+def run_cache(config: ModelConfig, caps: Mapping[str, Any], tokens, attention_mask=None) -> dict:
+    """The cache :func:`run` patches: from a run's :func:`run_sites` captures, with the run's
+    positions, key mask and rotary tables (``ctx``)."""
+    k, v = models.kv_sites(config)
+    return {"resid": caps["blocks.hook_resid_pre"], "k": caps[k], "v": caps[v],
+            "ctx": models.run_context(config, jnp.asarray(tokens), attention_mask)}
+
+
 def default_mesh() -> Mesh | None:
     """A 1-D mesh over all local devices (``None`` with one device)."""
     devs = jax.local_devices()
@@ -451,6 +466,8 @@ def run(
         mesh = default_mesh()
     n_dev = 1 if mesh is None else mesh.size
     B = int(run_cache["resid"].shape[1])  # prompts per patched run (sizes the chunks)
+    if "ctx" not in run_cache:  # unpadded prompts: default positions
+        run_cache = {**run_cache, "ctx": models.run_context(config, jnp.zeros((B, n_pos), jnp.int32))}
     if isinstance(metric, CustomMetric):
         max_offset = metric.first_pos
     else:

@@ -135,7 +135,7 @@ def test_sweep_compiles_once_for_any_targets(model, prompts):
     cfg = model.config
     _, caps = model.run(corrupt, capture={"blocks.hook_resid_pre", "blocks.attn.hook_k", "blocks.attn.hook_v"})
     _, src = model.run(clean, capture={"blocks.hook_resid_pre"})
-    run_cache = {"resid": caps["blocks.hook_resid_pre"], "k": caps["blocks.attn.hook_k"], "v": caps["blocks.attn.hook_v"]}
+    run_cache = sw.run_cache(cfg, caps, corrupt)
     ctx = {"answer_pos": jnp.full((3,), 7), "answer": jnp.asarray(ans), "wrong": jnp.asarray(wrong)}
     traced = chex.assert_max_traces(sw._chunk_fn, n=1)
     orig, sw._chunk_fn = sw._chunk_fn, traced

@@ -301,7 +301,7 @@ def test_nonfinite_patch_is_reported_with_its_indices(model, prompts):
     _, caps = model.run(corrupt, capture={"blocks.hook_resid_pre", "blocks.attn.hook_k", "blocks.attn.hook_v"})
     _, src = model.run(clean, capture={"blocks.hook_resid_pre"})
     source = src["blocks.hook_resid_pre"].at[1, :, 3].set(jnp.nan)  # layer 1, position 3
-    run_cache = {"resid": caps["blocks.hook_resid_pre"], "k": caps["blocks.attn.hook_k"], "v": caps["blocks.attn.hook_v"]}
+    run_cache = sw.run_cache(cfg, caps, corrupt)
     ctx = {"answer_pos": jnp.full((2,), 5), "answer": jnp.asarray(ans), "wrong": jnp.asarray(wrong), "metric_consts": ((),)}
     spec = sw.grid(cfg, "blocks.hook_resid_pre", ("layer", "pos"), 6)
     with pytest.raises(jaxpatch.NonFiniteError, match=r"1 of 12 patches.*layer=1, pos=3"):

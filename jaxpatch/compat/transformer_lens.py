@@ -35,7 +35,6 @@ from ..model import HookedModel, check_tokens
 from ..sweep import CustomMetric
 from ..user_metric import first_position_read, trace
 
-_RUN_SITES = frozenset({"blocks.hook_resid_pre", "blocks.attn.hook_k", "blocks.attn.hook_v"})
 
 
 def _trace_metric(metric, logits):
@@ -72,12 +71,12 @@ def generic_activation_patch(model: HookedModel, corrupted_tokens, clean_cache: 
         raise InputError(f"clean_cache was computed on prompts of shape {tuple(source.shape[1:3])}; corrupted_tokens has shape {(B, T)}.")
     if site in ("blocks.attn.hook_pattern", "blocks.attn.hook_attn_scores") and (source.shape[1], source.shape[3]) != (B, T):
         raise InputError(f"clean_cache was computed on prompts of shape {(source.shape[1], source.shape[3])}; corrupted_tokens has shape {(B, T)}.")
-    logits, caps = model.run(tokens, capture=_RUN_SITES)
+    logits, caps = model.run(tokens, capture=_sweep.run_sites(model.config))
     metric, consts = _trace_metric(patching_metric, logits)
     spec = _sweep.grid(model.config, site, index_axis_names, T)
     out, _ = _sweep.run(
         model.config, model.params, spec,
-        {"resid": caps["blocks.hook_resid_pre"], "k": caps["blocks.attn.hook_k"], "v": caps["blocks.attn.hook_v"]},
+        _sweep.run_cache(model.config, caps, tokens),
         source, True, metric, {"metric_consts": consts}, T, **engine_kw,
     )
     return out.reshape(spec.grid_shape)

@@ -44,6 +44,12 @@ class SiteHandler:
         self.pos_offset = pos_offset
         self.captured: dict = {}
 
+    def wants(self, *names: str) -> bool:
+        """Whether any of these sites is edited or captured in this pass (static): lets the model
+        compute a site's activation only when someone reads or changes it (per-head inputs and
+        outputs), with identical results either way."""
+        return any(n in self.capture or n in self.ivs.edits for n in names)
+
     def __call__(self, name: str, act):
         edits = self.ivs.edits.get(name)
         if edits:
@@ -61,6 +67,15 @@ def layer_norm(x, w, b, eps, hs: SiteHandler, prefix: str):
     scale = hs(f"{prefix}.hook_scale", jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps).astype(x.dtype))
     normalized = hs(f"{prefix}.hook_normalized", (x32 / scale).astype(x.dtype))
     return normalized * lift(w, x.ndim) + lift(b, x.ndim)
+
+
+def rms_norm(x, w, eps, hs: SiteHandler, prefix: str):
+    """RMSNorm with the same sites as :func:`layer_norm` (``hook_scale`` is the root mean square;
+    ``hook_normalized`` the input divided by it, before the weight)."""
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    scale = hs(f"{prefix}.hook_scale", jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps).astype(x.dtype))
+    normalized = hs(f"{prefix}.hook_normalized", (x32 / scale).astype(x.dtype))
+    return normalized * lift(w, x.ndim)
 
 
 def lift(a, ndim: int):

@@ -1,0 +1,431 @@
+"""The one forward pass: a decoder-only transformer whose family differences are config, not code.
+
+Every family (GPT-2, GPT-NeoX/Pythia, Llama, Mistral, Qwen2/3, Gemma 1-3) runs through these
+functions; :class:`~jaxpatch.config.ModelConfig` says which options apply (rotary or learned
+positions, LayerNorm or RMSNorm, gated MLP, parallel attention+MLP, grouped-query attention,
+biases, q/k norms, post-norms, soft-capping, sliding windows). Nothing outside
+:mod:`jaxpatch.models` knows which family it runs.
+
+Parameters are a plain dict pytree; per-layer weights live under ``"blocks"`` stacked on a
+leading layer axis ``L``. Entries marked (opt) exist only when the config says so::
+
+    W_E [V, D]   W_pos [n_ctx, D] (learned positions)   ln_f_w [D]   ln_f_b [D] (layernorm)
+    W_U [D, V] (untied; tied models read W_E.T)   b_U [V] (unembed_bias)
+    blocks:
+      ln1_w [L, D]  ln1_b [L, D] (layernorm)
+      W_Q [L, N, D, H]  W_K, W_V [L, K, D, H]  b_Q [L, N, H]  b_K, b_V [L, K, H] (qkv_bias)
+      q_norm_w, k_norm_w [L, H] (qk_norm)
+      W_O [L, N, H, D]  b_O [L, D] (o_bias)
+      ln1_post_w [L, D] (post_norms; + ln1_post_b with layernorm)
+      ln2_w [L, D]  ln2_b [L, D] (layernorm)
+      W_in [L, D, F]  b_in [L, F] (mlp_bias)  W_gate [L, D, F] (gated_mlp)
+      W_out [L, F, D]  b_out [L, D] (mlp_bias)
+      ln2_post_w [L, D] (post_norms)
+
+RMSNorm weights are stored as the multiplier actually applied (Gemma's ``1 + w`` is folded in
+when loading). Einsum letters: see :mod:`jaxpatch.models._layers`; K is the key/value-head axis.
+
+Positions. ``positions`` ``[B, T]`` are the position ids (real tokens counted, so a padded prompt
+gets the positions it would have alone); ``key_mask`` ``[B, T]`` marks real tokens. Queries attend
+to real keys at or before them (and, in sliding layers, fewer than ``sliding_window`` back).
+
+Suffix runs. ``run_blocks_from`` recomputes positions ``pos_offset..`` only, reading the earlier
+positions' keys/values (rotated, for rotary models) from a cache: exact, because under causal
+attention later positions never change earlier ones.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._errors import JaxpatchError
+from ..config import ModelConfig
+from ..interventions import NONE, Interventions
+from ._layers import SiteHandler, activation, layer_norm, lift, rms_norm
+
+Params = dict[str, Any]
+
+#: The key/value sites a suffix run reads for the positions it does not recompute.
+def kv_sites(config: ModelConfig) -> tuple[str, str]:
+    """Canonical sites whose stacked values a suffix run needs as its prefix cache: the keys the
+    attention reads (after rotary embedding) and the values."""
+    k = "blocks.attn.hook_rot_k" if config.positional == "rotary" else "blocks.attn.hook_k"
+    return k, "blocks.attn.hook_v"
+
+
+# ----------------------------------------------------------------------------------------------
+# Positions
+
+
+def default_positions(tokens, attention_mask=None):
+    """Position ids ``[B, T]``: real tokens counted from 0 (left or right padding alike)."""
+    B, T = tokens.shape
+    if attention_mask is None:
+        return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
+    m = attention_mask.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(m, axis=1) - 1, 0)
+
+
+def _inv_freq(config: ModelConfig, base: float, scaling: dict, max_pos):
+    """Rotary inverse frequencies ``[rotary_dim / 2]`` (as ``transformers`` computes them)."""
+    rd = config.rotary_dim
+    exps = np.arange(0, rd, 2, dtype=np.float64) / rd
+    rtype = scaling.get("rope_type", "default")
+    if rtype == "dynamic":  # NTK: the base grows once the sequence outgrows the trained length
+        orig = float(scaling["original_max_position_embeddings"])
+        factor = float(scaling["factor"])
+        seq_len = jnp.maximum(max_pos.astype(jnp.float32) + 1.0, orig)
+        b = base * ((factor * seq_len / orig) - (factor - 1.0)) ** (rd / (rd - 2))
+        return 1.0 / (b ** jnp.asarray(exps, jnp.float32))
+    inv = 1.0 / (base ** exps)
+    if rtype == "linear":
+        inv = inv / float(scaling["factor"])
+    elif rtype == "llama3":
+        factor = float(scaling["factor"])
+        lo, hi = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+        inv = np.where(medium, smoothed, scaled)
+    return jnp.asarray(inv.astype(np.float32))
+
+
+def rotary_tables(config: ModelConfig, positions):
+    """``(cos, sin)`` ``[n_bases, B, T, rotary_dim / 2]``: index 0 the global base (with the
+    config's scaling), index 1 the local base of sliding layers (Gemma 3; else equal to 0)."""
+    scaling = dict(config.rope_scaling)
+    max_pos = jnp.max(positions)
+    tables = [_inv_freq(config, config.rope_base, scaling, max_pos)]
+    if config.rope_local_base is not None:
+        tables.append(_inv_freq(config, config.rope_local_base, {}, max_pos))
+    else:
+        tables.append(tables[0])
+    ang = jnp.stack([positions.astype(jnp.float32)[..., None] * inv[None, None, :] for inv in tables])
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rotary(x, cos, sin, rotary_dim: int):
+    """Rotate the first ``rotary_dim`` dims of each head (GPT-NeoX / Llama "rotate half" layout).
+    ``x`` ``[B, T, N, H]``; ``cos``/``sin`` ``[B, T, rotary_dim / 2]``."""
+    half = rotary_dim // 2
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    x1, x2, rest = xf[..., :half], xf[..., half:rotary_dim], xf[..., rotary_dim:]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    out = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s, rest], axis=-1)
+    return out.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces
+
+
+def _norm(config: ModelConfig, x, w, b, hs: SiteHandler, prefix: str):
+    if config.norm == "rmsnorm":
+        return rms_norm(x, w, config.eps, hs, prefix)
+    return layer_norm(x, w, b, config.eps, hs, prefix)
+
+
+def _head_rms(x, w, eps):
+    """RMSNorm over each head's ``d_head`` (Qwen3 / Gemma 3 q/k norm)."""
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * lift(w, x.ndim).astype(y.dtype)).astype(x.dtype)
+
+
+def _softcap(x, cap):
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def embed(config: ModelConfig, params: Params, tokens, hs: SiteHandler, positions=None):
+    """Token (+ learned position) embedding -> the residual stream entering block 0 ``[B, T, D]``."""
+    e = params["W_E"][tokens]
+    if config.scale_embed:
+        e = e * jnp.asarray(math.sqrt(config.d_model), e.dtype)
+    e = hs("hook_embed", e)
+    if config.positional == "learned":
+        if positions is None:
+            positions = default_positions(tokens)
+        return e + hs("hook_pos_embed", params["W_pos"][positions])
+    return e
+
+
+def block(config: ModelConfig, p: Params, x, hs: SiteHandler, ctx, prefix_kv=None):
+    """One transformer block on residual stream ``x`` ``[B, T, D]`` (``p``: that layer's params).
+
+    ``ctx``: per-run data for this layer: ``positions`` ``[B, T]`` of the rows in ``x``,
+    ``key_mask`` ``[B, S]`` (all keys), ``q_index``/``k_index`` (sequence indices), ``window``
+    (this layer's sliding window, or a huge number), ``cos``/``sin`` (rotary tables of the rows).
+    ``prefix_kv``: ``(k, v)`` ``[B, s, K, H]`` of positions ``0..s-1`` (see module docstring).
+    """
+    c = config
+    x = hs("blocks.hook_resid_pre", x)
+    h = _norm(c, x, p["ln1_w"], p.get("ln1_b"), hs, "blocks.ln1")
+    split = hs.wants("blocks.hook_q_input", "blocks.hook_k_input", "blocks.hook_v_input")
+    if split:  # per-head copies of the attention's input (edge methods patch one head's input)
+        N, K = c.n_heads, c.n_kv_heads
+        xq = hs("blocks.hook_q_input", jnp.broadcast_to(x[:, :, None, :], x.shape[:2] + (N, x.shape[-1])))
+        xk = hs("blocks.hook_k_input", jnp.broadcast_to(x[:, :, None, :], x.shape[:2] + (K, x.shape[-1])))
+        xv = hs("blocks.hook_v_input", jnp.broadcast_to(x[:, :, None, :], x.shape[:2] + (K, x.shape[-1])))
+        if hs.wants("blocks.ln1.hook_scale", "blocks.ln1.hook_normalized"):
+            raise JaxpatchError("Per-head attention inputs (hook_q_input/hook_k_input/hook_v_input) cannot be "
+                                "combined with edits or captures of blocks.ln1 sites in one run.")
+        nq = SiteHandler(NONE, frozenset())
+        hq = _norm(c, xq, p["ln1_w"], p.get("ln1_b"), nq, "blocks.ln1")
+        hk = _norm(c, xk, p["ln1_w"], p.get("ln1_b"), nq, "blocks.ln1")
+        hv = _norm(c, xv, p["ln1_w"], p.get("ln1_b"), nq, "blocks.ln1")
+        q = jnp.einsum("BTND,NDH->BTNH", hq, p["W_Q"])
+        k = jnp.einsum("BSKD,KDH->BSKH", hk, p["W_K"])
+        v = jnp.einsum("BSKD,KDH->BSKH", hv, p["W_V"])
+    else:
+        q = jnp.einsum("BTD,NDH->BTNH", h, p["W_Q"])
+        k = jnp.einsum("BSD,KDH->BSKH", h, p["W_K"])
+        v = jnp.einsum("BSD,KDH->BSKH", h, p["W_V"])
+    if c.qkv_bias:
+        q, k, v = q + lift(p["b_Q"], 4), k + lift(p["b_K"], 4), v + lift(p["b_V"], 4)
+    q = hs("blocks.attn.hook_q", q)
+    k = hs("blocks.attn.hook_k", k)
+    v = hs("blocks.attn.hook_v", v)
+    if c.qk_norm:
+        q, k = _head_rms(q, p["q_norm_w"], c.eps), _head_rms(k, p["k_norm_w"], c.eps)
+    if c.positional == "rotary":
+        q = hs("blocks.attn.hook_rot_q", apply_rotary(q, ctx["cos"], ctx["sin"], c.rotary_dim))
+        k = hs("blocks.attn.hook_rot_k", apply_rotary(k, ctx["cos"], ctx["sin"], c.rotary_dim))
+    if prefix_kv is not None:
+        k = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=1)
+    group = c.n_heads // c.n_kv_heads
+    if group > 1:  # grouped-query attention: query head n reads key/value head n // group
+        k_att, v_att = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    else:
+        k_att, v_att = k, v
+    scale = c.attn_scale if c.attn_scale is not None else 1.0 / math.sqrt(c.d_head)
+    scores = jnp.einsum("BTNH,BSNH->BNTS", q, k_att) * jnp.asarray(scale, q.dtype)
+    scores = _softcap(scores, c.attn_softcap)
+    qi, ki = ctx["q_index"][:, None], ctx["k_index"][None, :]
+    visible = (ki <= qi) & (qi - ki < ctx["window"])  # [T, S]
+    visible = visible[None, None] & ctx["key_mask"][:, None, None, :].astype(bool)  # [B, 1, T, S]
+    scores = hs("blocks.attn.hook_attn_scores", jnp.where(visible, scores, jnp.asarray(-jnp.inf, scores.dtype)))
+    # Softmax in at least float32; masked entries are -inf (TransformerLens's convention). A row
+    # with no visible key (a padding query) gets zeros, never NaN.
+    s32 = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
+    any_visible = jnp.any(visible, axis=-1, keepdims=True)
+    pattern = jax.nn.softmax(jnp.where(any_visible, s32, 0.0), axis=-1) * any_visible
+    pattern = hs("blocks.attn.hook_pattern", pattern.astype(x.dtype))
+    z = hs("blocks.attn.hook_z", jnp.einsum("BNTS,BSNH->BTNH", pattern, v_att))
+    if hs.wants("blocks.attn.hook_result"):  # per-head writes to the residual stream
+        result = hs("blocks.attn.hook_result", jnp.einsum("BTNH,NHD->BTND", z, p["W_O"]))
+        attn_out = jnp.sum(result, axis=2)
+    else:
+        attn_out = jnp.einsum("BTNH,NHD->BTD", z, p["W_O"])
+    if c.o_bias:
+        attn_out = attn_out + lift(p["b_O"], 3)
+    if c.post_norms:
+        attn_out = _norm(c, attn_out, p["ln1_post_w"], p.get("ln1_post_b"), hs, "blocks.ln1_post")
+    attn_out = hs("blocks.hook_attn_out", attn_out)
+    mid = hs("blocks.hook_resid_mid", x + attn_out)
+    mlp_in = hs("blocks.hook_mlp_in", x if c.parallel_attn_mlp else mid)
+    h = _norm(c, mlp_in, p["ln2_w"], p.get("ln2_b"), hs, "blocks.ln2")
+    if c.gated_mlp:
+        lin = jnp.einsum("BTD,DF->BTF", h, p["W_in"])
+        pre = jnp.einsum("BTD,DF->BTF", h, p["W_gate"])
+        if c.mlp_bias:
+            lin, pre = lin + lift(p["b_in"], 3), pre + lift(p["b_gate"], 3)
+        lin = hs("blocks.mlp.hook_pre_linear", lin)
+        pre = hs("blocks.mlp.hook_pre", pre)
+        post = hs("blocks.mlp.hook_post", activation(c.act_fn, pre) * lin)
+    else:
+        pre = jnp.einsum("BTD,DF->BTF", h, p["W_in"])
+        if c.mlp_bias:
+            pre = pre + lift(p["b_in"], 3)
+        pre = hs("blocks.mlp.hook_pre", pre)
+        post = hs("blocks.mlp.hook_post", activation(c.act_fn, pre))
+    mlp_out = jnp.einsum("BTF,FD->BTD", post, p["W_out"])
+    if c.mlp_bias:
+        mlp_out = mlp_out + lift(p["b_out"], 3)
+    if c.post_norms:
+        mlp_out = _norm(c, mlp_out, p["ln2_post_w"], p.get("ln2_post_b"), hs, "blocks.ln2_post")
+    mlp_out = hs("blocks.hook_mlp_out", mlp_out)
+    return hs("blocks.hook_resid_post", mid + mlp_out)
+
+
+def unembed(config: ModelConfig, params: Params, x, hs: SiteHandler):
+    """Final norm and unembedding: ``[B, T, D] -> [B, T, V]`` logits."""
+    h = _norm(config, x, params["ln_f_w"], params.get("ln_f_b"), hs, "ln_final")
+    w_u = params["W_U"] if "W_U" in params else params["W_E"].T
+    logits = jnp.einsum("BTD,DV->BTV", h, w_u)
+    if config.unembed_bias:
+        logits = logits + lift(params["b_U"], 3)
+    return _softcap(logits, config.final_softcap)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running the stack
+
+
+def _windows(config: ModelConfig) -> jnp.ndarray:
+    """Per-layer sliding window as data ``[L]`` (a number larger than any sequence if none)."""
+    big = np.iinfo(np.int32).max
+    return jnp.asarray([config.sliding_window if s else big for s in config.sliding_layers], jnp.int32)
+
+
+def _local(config: ModelConfig) -> jnp.ndarray:
+    return jnp.asarray([1 if s else 0 for s in config.sliding_layers], jnp.int32)
+
+
+def run_context(config: ModelConfig, tokens, attention_mask=None, positions=None):
+    """Per-run data shared by every layer: positions, key mask, rotary tables."""
+    B, T = tokens.shape
+    if positions is None:
+        positions = default_positions(tokens, attention_mask)
+    key_mask = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
+    ctx = {"positions": positions, "key_mask": key_mask}
+    if config.positional == "rotary":
+        ctx["cos"], ctx["sin"] = rotary_tables(config, positions)
+    return ctx
+
+
+def _layer_ctx(config: ModelConfig, run_ctx, layer, window, local, pos_offset: int = 0):
+    T = run_ctx["positions"].shape[1]
+    ctx = {"key_mask": run_ctx["key_mask"], "window": window,
+           "q_index": jnp.arange(pos_offset, T, dtype=jnp.int32), "k_index": jnp.arange(T, dtype=jnp.int32)}
+    if config.positional == "rotary":
+        cos = jax.lax.dynamic_index_in_dim(run_ctx["cos"], local, 0, keepdims=False)[:, pos_offset:]
+        sin = jax.lax.dynamic_index_in_dim(run_ctx["sin"], local, 0, keepdims=False)[:, pos_offset:]
+        ctx["cos"], ctx["sin"] = cos, sin
+    return ctx
+
+
+def run_blocks(config: ModelConfig, blocks: Params, x, run_ctx, ivs: Interventions = NONE,
+               capture: frozenset = frozenset()):
+    """Scan every block over ``x``. Returns ``(x, captures)``, captures stacked ``[L, ...]``."""
+    layers = jnp.arange(config.n_layers, dtype=jnp.int32)
+
+    def body(x, xs):
+        p, layer, window, local = xs
+        hs = SiteHandler(ivs, capture, layer)
+        x = block(config, p, x, hs, _layer_ctx(config, run_ctx, layer, window, local))
+        return x, hs.captured
+
+    return jax.lax.scan(body, x, (blocks, layers, _windows(config), _local(config)))
+
+
+def forward(config: ModelConfig, params: Params, tokens, interventions: Interventions | None = None,
+            capture: frozenset = frozenset(), attention_mask=None):
+    """The whole model as a pure function.
+
+    Args:
+        config: static model config.
+        params: parameter pytree (see module docstring).
+        tokens: int array ``[B, T]``.
+        interventions: edits applied at sites (default: none).
+        capture: canonical site names whose activations to return.
+        attention_mask: optional ``[B, T]`` (1 = real token, 0 = padding).
+
+    Returns:
+        ``(logits [B, T, V], captures)``; per-layer captures are stacked ``[L, ...]``.
+    """
+    ivs = NONE if interventions is None else interventions
+    run_ctx = run_context(config, tokens, attention_mask)
+    hs = SiteHandler(ivs, capture)
+    x = embed(config, params, tokens, hs, run_ctx["positions"])
+    x, block_caps = run_blocks(config, params["blocks"], x, run_ctx, ivs, capture)
+    logits = unembed(config, params, x, hs)
+    return logits, {**hs.captured, **block_caps}
+
+
+def run_blocks_from(config: ModelConfig, blocks: Params, x, start, run_ctx, ivs: Interventions = NONE,
+                    pos_offset: int = 0, prefix_kv=None):
+    """Run blocks ``start..n_layers-1`` (``start`` may be traced) on residual stream ``x``.
+
+    Args:
+        x: ``[B, T - pos_offset, D]``: the residual stream entering block ``start`` at positions
+            ``pos_offset..``.
+        run_ctx: :func:`run_context` of the whole (unpatched) sequence.
+        ivs: interventions keyed by absolute layer; positions in whole-sequence coordinates.
+        pos_offset: static number of leading positions not recomputed.
+        prefix_kv: the :func:`kv_sites` activations stacked ``[L, B, T, K, H]`` (only positions
+            ``< pos_offset`` are read), required when ``pos_offset > 0``.
+
+    Returns:
+        the residual stream after the last block, ``[B, T - pos_offset, D]``.
+    """
+    windows, local = _windows(config), _local(config)
+
+    def body(layer, x):
+        p = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False), blocks)
+        kv = None
+        if pos_offset:
+            kv = tuple(
+                jax.lax.slice_in_dim(jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False), 0, pos_offset, axis=1)
+                for a in prefix_kv
+            )
+        ctx = _layer_ctx(config, run_ctx, layer, windows[layer], local[layer], pos_offset)
+        return block(config, p, x, SiteHandler(ivs, frozenset(), layer, pos_offset), ctx, kv)
+
+    return jax.lax.fori_loop(start, config.n_layers, body, x)
+
+
+def logits_at(config: ModelConfig, params: Params, x, ivs: Interventions = NONE, pos_offset: int = 0):
+    """Final norm and unembedding of residual rows ``x`` ``[B, R, D]`` -> ``[B, R, V]``."""
+    return unembed(config, params, x, SiteHandler(ivs, frozenset(), None, pos_offset))
+
+
+# ----------------------------------------------------------------------------------------------
+# Random parameters (tests, toys)
+
+
+def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, init_range: float = 0.02) -> Params:
+    """Random parameters of the layout in the module docstring.
+
+    Biases and norm weights are random too (not zeros/ones) so parity tests exercise them.
+    """
+    c = config
+    L, N, K, D, H, F, V = c.n_layers, c.n_heads, c.n_kv_heads, c.d_model, c.d_head, c.d_mlp, c.d_vocab
+    keys = iter(jax.random.split(key, 48))
+
+    def normal(shape, std=init_range):
+        return (std * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+
+    def near_one(shape):
+        return (1.0 + 0.1 * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+
+    ln = c.norm == "layernorm"
+    blocks = {"ln1_w": near_one((L, D)), "W_Q": normal((L, N, D, H)), "W_K": normal((L, K, D, H)),
+              "W_V": normal((L, K, D, H)), "W_O": normal((L, N, H, D)), "ln2_w": near_one((L, D)),
+              "W_in": normal((L, D, F)), "W_out": normal((L, F, D))}
+    if ln:
+        blocks["ln1_b"], blocks["ln2_b"] = normal((L, D)), normal((L, D))
+    if c.qkv_bias:
+        blocks.update(b_Q=normal((L, N, H)), b_K=normal((L, K, H)), b_V=normal((L, K, H)))
+    if c.qk_norm:
+        blocks.update(q_norm_w=near_one((L, H)), k_norm_w=near_one((L, H)))
+    if c.o_bias:
+        blocks["b_O"] = normal((L, D))
+    if c.gated_mlp:
+        blocks["W_gate"] = normal((L, D, F))
+    if c.mlp_bias:
+        blocks.update(b_in=normal((L, F)), b_out=normal((L, D)))
+        if c.gated_mlp:
+            blocks["b_gate"] = normal((L, F))
+    if c.post_norms:
+        blocks.update(ln1_post_w=near_one((L, D)), ln2_post_w=near_one((L, D)))
+        if ln:
+            blocks.update(ln1_post_b=normal((L, D)), ln2_post_b=normal((L, D)))
+    params = {"W_E": normal((V, D)), "blocks": blocks, "ln_f_w": near_one((D,))}
+    if ln:
+        params["ln_f_b"] = normal((D,))
+    if c.positional == "learned":
+        params["W_pos"] = normal((c.n_ctx, D))
+    if not c.tied_embeddings:
+        params["W_U"] = normal((D, V))
+    if c.unembed_bias:
+        params["b_U"] = jnp.zeros((V,), dtype)
+    return params
