@@ -233,7 +233,7 @@ def test_attn_scores_attribution_is_finite_and_zero_where_masked(dtype, method):
     np.testing.assert_array_equal(swapped, np.transpose(full, (3, 0, 2, 1, 4)))
     if method == "atp":  # signed: a head's estimate is the sum of its entries'
         np.testing.assert_allclose(heads, full.sum(axis=(2, 3)), rtol=1e-4 if dtype == "float32" else 1e-10,
-                                   atol=(1e-5 if dtype == "float32" else 1e-12) * np.abs(heads).max())
+                                   atol=(1e-4 if dtype == "float32" else 1e-12) * np.abs(heads).max())
 
 
 def test_attn_scores_attribution_matches_softmax_chain_rule_and_finite_differences(x64):
