@@ -49,7 +49,7 @@ from . import metrics as _metrics
 from ._errors import InputError
 from .interventions import NONE, Edit, Interventions
 from .model import HookedModel, check_tokens
-from .models import gpt2
+from . import models
 from .patching import DEFAULT_AXES, _labels, _site, answer_arrays
 from .results import PatchResult
 from .sites import SITES
@@ -98,9 +98,9 @@ def _run_and_grad(config, params, tokens, ctx, *, sites, names, drop):
         if gates is not None:
             for s in _GD_SITES:
                 edits[s] = edits.get(s, ()) + (Edit(grad_scale=jnp.reshape(gates, (L,) + (1,) * 3), stacked=True),)
-        logits, caps = gpt2.forward(config, params, tokens, Interventions(edits), frozenset(sites))
+        logits, caps = models.forward(config, params, tokens, Interventions(edits), frozenset(sites))
         rows = jnp.take_along_axis(logits, ctx["answer_pos"][:, None, None], axis=1)[:, 0]
-        m = _metrics.compute(names, rows, ctx["answer"], ctx.get("wrong"), ctx.get("clean_logprobs"))[0]
+        m = _metrics.compute_ctx(names, rows, ctx)[0]
         return jnp.sum(m), (m, caps)
 
     shapes = {s: (L,) + SITES[s].shape(config, B, T) for s in sites}
@@ -119,6 +119,20 @@ def _first_order(src, run, g):
     -inf in both runs (their difference would be NaN) and a non-finite gradient there must not
     turn the zero into NaN either."""
     return jnp.where(src == run, jnp.zeros((), g.dtype), (src - run) * g)
+
+
+def _plain_attention_lacks(config) -> str:
+    """What makes a model's attention more than softmax(q k^T / sqrt(d_head)) under a causal mask
+    (the QK fix's recomputation), or ``""``."""
+    extra = [what for what, on in (
+        ("rotary embeddings", config.positional == "rotary"), ("grouped-query attention", config.n_kv_heads != config.n_heads),
+        ("q/k norms", config.qk_norm), ("a custom attention scale", config.attn_scale is not None),
+        ("attention soft-capping", config.attn_softcap is not None), ("sliding windows", any(config.sliding_layers))) if on]
+    return ", ".join(extra)
+
+
+def _plain_attention(config) -> bool:
+    return not _plain_attention_lacks(config)
 
 
 def _reduce(prod, site: str, axes: tuple[str, ...]):
@@ -221,15 +235,15 @@ def _atp_core(config, params, run_tokens, src_tokens, ctx, *, sites, names, targ
     """Everything in one program: the source run (with captures), the run's forward and backward
     (GradDrop variants batched for ``atp*``), and every target's estimate ``[*grid, B]``."""
     rows = lambda lg: jnp.take_along_axis(lg, ctx["answer_pos"][:, None, None], axis=1)[:, 0]  # noqa: E731
-    src_logits, src_caps = gpt2.forward(config, params, src_tokens, NONE, frozenset(sites))
+    src_logits, src_caps = models.forward(config, params, src_tokens, NONE, frozenset(sites))
     if denoise:
         clean_rows = rows(src_logits)
     elif any(n == "kl" for n in names):
-        clean_rows = rows(gpt2.forward(config, params, run_tokens)[0])
+        clean_rows = rows(models.forward(config, params, run_tokens)[0])
     else:
         clean_rows = rows(src_logits)  # unused by the metric
-    ctx = {**ctx, "clean_logprobs": jax.nn.log_softmax(clean_rows.astype(jnp.float32), -1)}
-    m_src = _metrics.compute(names, rows(src_logits), ctx["answer"], ctx["wrong"], ctx["clean_logprobs"])[0]
+    ctx = {**ctx, "clean_logprobs": jax.nn.log_softmax(clean_rows.astype(jnp.promote_types(clean_rows.dtype, jnp.float32)), -1)}
+    m_src = _metrics.compute_ctx(names, rows(src_logits), ctx)[0]
     m_run, run_caps, grads = _run_and_grad(config, params, run_tokens, ctx, sites=sites, names=names, drop=method == "atp*")
     qk = method in ("atp*", "atp+qk")
 
@@ -334,16 +348,22 @@ def attribution_patch(
     qk = method in ("atp*", "atp+qk")
     sites = {t.site for t in tlist}
     if qk and sites & set(_QK):
+        if not _plain_attention(cfg):
+            raise InputError(
+                f"method={method!r} recomputes attention patterns from q and k, which jaxpatch does for plain causal "
+                f"softmax attention only; this {cfg.architecture} model has {_plain_attention_lacks(cfg)}. "
+                f"Use method='atp' or exact patching (jaxpatch.activation_patch) for q/k.")
         sites |= {"blocks.attn.hook_q", "blocks.attn.hook_k", "blocks.attn.hook_pattern"}
     sites = tuple(sorted(sites))
 
     t0 = time.perf_counter()
     run_tokens, src_tokens = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
     ctx = {"answer_pos": jnp.asarray(apos), "answer": jnp.asarray(ans), "wrong": jnp.asarray(wr)}
-    if callable(names[0]):  # a user metric must return floats to have a gradient
-        probe = jax.eval_shape(names[0], jax.ShapeDtypeStruct((B, cfg.d_vocab), jnp.float32))
-        if not jnp.issubdtype(probe.dtype, jnp.floating):
-            raise InputError(f"Metric returns {probe.dtype}; attribution needs a floating, differentiable metric.")
+    names, consts = _metrics.prepare(names, B, cfg.d_vocab, model.dtype)  # traced afresh: current values
+    ctx["metric_consts"] = consts
+    if not isinstance(names[0], str):  # a user metric must return floats to have a gradient
+        if not jnp.issubdtype(names[0].out_aval.dtype, jnp.floating):
+            raise InputError(f"Metric returns {names[0].out_aval.dtype}; attribution needs a floating, differentiable metric.")
     if cfg.n_layers < 2 and method == "atp*":
         raise InputError("GradDrop needs at least 2 layers.")
     m_run, m_src, ests = _atp_core(cfg, model.params, run_tokens, src_tokens, ctx, sites=sites, names=names,
@@ -354,7 +374,7 @@ def attribution_patch(
     results = {}
     for t, est in zip(tlist, ests):
         per = m_run[None] + np.asarray(est)  # estimated metric after the patch
-        labels = _labels(t.axes, est.shape[:-1], np.asarray(clean[0]), token_labels)
+        labels = _labels(t.axes, est.shape[:-1], np.asarray(clean[0]), token_labels, t.site, cfg)
         results[(t.site, t.axes)] = PatchResult(
             t.site, direction, "resample", tuple(_metrics.name_of(n) for n in names), t.axes, labels,
             per[..., None, :], m_clean[None], m_corrupt[None],

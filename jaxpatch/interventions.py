@@ -166,16 +166,11 @@ def _check_range(idx, size: int | None, what: str, allow_negative: bool = True):
         raise InputError(f"{what} {bad.tolist()} out of range: valid 0..{size - 1} (or negative from the end).")
 
 
-def _axis_size(config: ModelConfig, axis: str) -> int | None:
-    return {
-        "head": config.n_heads,
-        "d_head": config.d_head,
-        "d_model": config.d_model,
-        "d_mlp": config.d_mlp,
-        "pos": config.n_ctx,
-        "q_pos": config.n_ctx,
-        "k_pos": config.n_ctx,
-    }.get(axis)
+def _axis_size(config: ModelConfig, axis: str, canonical: str) -> int | None:
+    """Size of ``axis`` at site ``canonical`` (``head`` counts key/value heads at k/v sites)."""
+    if axis == "batch":
+        return None
+    return SITES[canonical].axis_size(config, axis)
 
 
 def edit(
@@ -221,7 +216,7 @@ def edit(
                 f"Site {canonical!r} has axes {site.axes}; cannot index axis {axis!r}. "
                 f"Valid index axes here: {[a for a in site.axes if a in INDEXABLE_AXES]}."
             )
-        _check_range(idx, _axis_size(config, axis), f"{axis} index for {canonical!r}")
+        _check_range(idx, _axis_size(config, axis, canonical), f"{axis} index for {canonical!r}")
         clean_index[axis] = jnp.asarray(idx, dtype=jnp.int32)
     if stacked is None:
         ref = value if value is not None else delta if delta is not None else mask

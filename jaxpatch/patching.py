@@ -26,7 +26,7 @@ from ._errors import InputError, NonFiniteError
 from .interventions import NONE, Interventions, add
 from .model import HookedModel, check_tokens
 from .results import PatchResult
-from .sites import SHORT_NAMES, SITES, canonical
+from .sites import SHORT_NAMES, SITES, canonical, check_available
 
 #: Default grid axes per site when ``by`` is not given.
 DEFAULT_AXES = {
@@ -53,6 +53,7 @@ def _site(name: str, model: HookedModel) -> str:
     c = SHORT_NAMES.get(name, name)
     if c not in SITES:
         c = canonical(name)  # raises UnknownSiteError with a suggestion
+    check_available(c, model.config)
     if not SITES[c].per_layer:
         raise InputError(f"Sweeps patch per-layer sites; {name!r} is not one. Per-layer sites: {list(DEFAULT_AXES)}.")
     return c
@@ -313,19 +314,21 @@ def activation_patch(
         per = per.reshape(shape + (M, rep * B))
         mc = np.tile(mc, (1, rep))
         mk = None if mk is None else mk.reshape(M, rep * B)
-    labels = _labels(axes, shape, np.asarray(clean[0]), token_labels)
+    labels = _labels(axes, shape, np.asarray(clean[0]), token_labels, c, cfg)
     info = {"setup_s": setup_s, "sweep_s": sweep_s, "n_patches": spec.size, "batch": B, "chunk_size": pl.chunk,
             "executed_rows": _sweep.executed_rows(pl, cfg.n_layers, T), "minimal_rows": _sweep.minimal_rows(spec, cfg.n_layers, T)}
     return PatchResult(c, direction, baseline, tuple(_metrics.name_of(n) for n in names), axes, labels, per, mc, mk, info)
 
 
-def _labels(axes, shape, first_prompt, token_labels) -> dict[str, list[str]]:
+def _labels(axes, shape, first_prompt, token_labels, site: str | None = None, config=None) -> dict[str, list[str]]:
+    """Axis labels; heads of key/value sites under grouped-query attention are ``KV<i>``."""
+    kv = site is not None and config is not None and SITES[site].kv and config.n_kv_heads != config.n_heads
     out = {}
     for a, n in zip(axes, shape):
         if a == "layer":
             out[a] = [f"L{i}" for i in range(n)]
         elif a == "head":
-            out[a] = [f"H{i}" for i in range(n)]
+            out[a] = [f"KV{i}" if kv else f"H{i}" for i in range(n)]
         elif a == "neuron":
             out[a] = [f"N{i}" for i in range(n)]
         elif a in ("pos", "dest_pos", "src_pos"):

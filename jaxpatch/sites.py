@@ -29,61 +29,100 @@ from .config import ModelConfig
 
 @dataclasses.dataclass(frozen=True)
 class Site:
-    """One intervention point: its canonical name, whether it repeats per block, and its axes."""
+    """One intervention point: its canonical name, whether it repeats per block, and its axes.
+
+    ``kv``: its ``head`` axis counts key/value heads (``n_kv_heads``; fewer than the query heads
+    under grouped-query attention). ``requires``: the model feature the site needs (``"rotary"``,
+    ``"gated_mlp"``, ``"post_norms"``), or ``None`` if every model has it.
+    """
 
     name: str
     per_layer: bool
     axes: tuple[str, ...]
+    kv: bool = False
+    requires: str | None = None
 
     def shape(self, config: ModelConfig, batch: int, pos: int) -> tuple[int, ...]:
         """Shape of this site's activation (one layer) for a ``[batch, pos]`` token array."""
+        return tuple(self.axis_size(config, a, batch, pos) for a in self.axes)
+
+    def axis_size(self, config: ModelConfig, axis: str, batch: int = 1, pos: int | None = None) -> int:
         sizes = {
             "batch": batch,
-            "pos": pos,
-            "q_pos": pos,
-            "k_pos": pos,
-            "head": config.n_heads,
+            "pos": config.n_ctx if pos is None else pos,
+            "q_pos": config.n_ctx if pos is None else pos,
+            "k_pos": config.n_ctx if pos is None else pos,
+            "head": config.n_kv_heads if self.kv else config.n_heads,
             "d_head": config.d_head,
             "d_model": config.d_model,
             "d_mlp": config.d_mlp,
             "scale": 1,
         }
-        return tuple(sizes[a] for a in self.axes)
+        return sizes[axis]
+
+    def available(self, config: ModelConfig) -> bool:
+        """Whether models of this config have this site."""
+        if self.requires == "rotary":
+            return config.positional == "rotary"
+        if self.requires == "learned":
+            return config.positional == "learned"
+        if self.requires == "gated_mlp":
+            return config.gated_mlp
+        if self.requires == "post_norms":
+            return config.post_norms
+        return True
 
 
 _RESID = ("batch", "pos", "d_model")
 _HEADS = ("batch", "pos", "head", "d_head")
+_HEAD_IN = ("batch", "pos", "head", "d_model")
 _PATTERN = ("batch", "head", "q_pos", "k_pos")
 _SCALE = ("batch", "pos", "scale")
 _MLP = ("batch", "pos", "d_mlp")
 
-#: Every site, in execution order. The forward pass calls each exactly once per layer.
+#: Every site, in execution order. The forward pass calls each exactly once per layer (per-head
+#: inputs and outputs, ``hook_*_input`` and ``attn.hook_result``, only when edited or captured).
 SITES: dict[str, Site] = {
     s.name: s
     for s in [
         Site("hook_embed", False, _RESID),
-        Site("hook_pos_embed", False, _RESID),
+        Site("hook_pos_embed", False, _RESID, requires="learned"),
         Site("blocks.hook_resid_pre", True, _RESID),
         Site("blocks.ln1.hook_scale", True, _SCALE),
         Site("blocks.ln1.hook_normalized", True, _RESID),
+        Site("blocks.hook_q_input", True, _HEAD_IN),
+        Site("blocks.hook_k_input", True, _HEAD_IN, kv=True),
+        Site("blocks.hook_v_input", True, _HEAD_IN, kv=True),
         Site("blocks.attn.hook_q", True, _HEADS),
-        Site("blocks.attn.hook_k", True, _HEADS),
-        Site("blocks.attn.hook_v", True, _HEADS),
+        Site("blocks.attn.hook_k", True, _HEADS, kv=True),
+        Site("blocks.attn.hook_v", True, _HEADS, kv=True),
+        Site("blocks.attn.hook_rot_q", True, _HEADS, requires="rotary"),
+        Site("blocks.attn.hook_rot_k", True, _HEADS, kv=True, requires="rotary"),
         Site("blocks.attn.hook_attn_scores", True, _PATTERN),
         Site("blocks.attn.hook_pattern", True, _PATTERN),
         Site("blocks.attn.hook_z", True, _HEADS),
+        Site("blocks.attn.hook_result", True, _HEAD_IN),
+        Site("blocks.ln1_post.hook_scale", True, _SCALE, requires="post_norms"),
+        Site("blocks.ln1_post.hook_normalized", True, _RESID, requires="post_norms"),
         Site("blocks.hook_attn_out", True, _RESID),
         Site("blocks.hook_resid_mid", True, _RESID),
+        Site("blocks.hook_mlp_in", True, _RESID),
         Site("blocks.ln2.hook_scale", True, _SCALE),
         Site("blocks.ln2.hook_normalized", True, _RESID),
+        Site("blocks.mlp.hook_pre_linear", True, _MLP, requires="gated_mlp"),
         Site("blocks.mlp.hook_pre", True, _MLP),
         Site("blocks.mlp.hook_post", True, _MLP),
+        Site("blocks.ln2_post.hook_scale", True, _SCALE, requires="post_norms"),
+        Site("blocks.ln2_post.hook_normalized", True, _RESID, requires="post_norms"),
         Site("blocks.hook_mlp_out", True, _RESID),
         Site("blocks.hook_resid_post", True, _RESID),
         Site("ln_final.hook_scale", False, _SCALE),
         Site("ln_final.hook_normalized", False, _RESID),
     ]
 }
+
+#: Sites computed only when someone edits or captures them (never part of a full cache).
+ON_DEMAND = frozenset({"blocks.hook_q_input", "blocks.hook_k_input", "blocks.hook_v_input", "blocks.attn.hook_result"})
 
 BLOCK_SITES = tuple(n for n, s in SITES.items() if s.per_layer)
 GLOBAL_SITES = tuple(n for n, s in SITES.items() if not s.per_layer)
@@ -104,7 +143,15 @@ SHORT_NAMES = {
     "attn_scores": "blocks.attn.hook_attn_scores",
     "pattern": "blocks.attn.hook_pattern",
     "pre": "blocks.mlp.hook_pre",
+    "pre_linear": "blocks.mlp.hook_pre_linear",
     "post": "blocks.mlp.hook_post",
+    "rot_q": "blocks.attn.hook_rot_q",
+    "rot_k": "blocks.attn.hook_rot_k",
+    "result": "blocks.attn.hook_result",
+    "q_input": "blocks.hook_q_input",
+    "k_input": "blocks.hook_k_input",
+    "v_input": "blocks.hook_v_input",
+    "mlp_in": "blocks.hook_mlp_in",
     "scale": "ln_final.hook_scale",
     "normalized": "ln_final.hook_normalized",
 }
@@ -112,12 +159,24 @@ SHORT_NAMES = {
 _LAYER_RE = re.compile(r"^blocks\.(-?\d+)\.(.+)$")
 
 
-def all_full_names(config: ModelConfig) -> list[str]:
-    """Every full site name of a model, in execution order."""
-    head = [n for n in GLOBAL_SITES if not n.startswith("ln_final")]
-    tail = [n for n in GLOBAL_SITES if n.startswith("ln_final")]
-    blocks = [full_name(b, layer) for layer in range(config.n_layers) for b in BLOCK_SITES]
+def all_full_names(config: ModelConfig, on_demand: bool = False) -> list[str]:
+    """Every full site name of a model, in execution order (the per-head inputs and outputs
+    computed on demand only with ``on_demand=True``)."""
+    ok = [n for n in SITES if SITES[n].available(config) and (on_demand or n not in ON_DEMAND)]
+    head = [n for n in GLOBAL_SITES if n in ok and not n.startswith("ln_final")]
+    tail = [n for n in GLOBAL_SITES if n in ok and n.startswith("ln_final")]
+    blocks = [full_name(b, layer) for layer in range(config.n_layers) for b in BLOCK_SITES if b in ok]
     return head + blocks + tail
+
+
+def check_available(canonical: str, config: ModelConfig | None) -> None:
+    """Raise :class:`UnknownSiteError` if this model has no such site (e.g. ``hook_rot_q`` of a
+    model with learned positions), naming the feature it needs."""
+    if config is None or SITES[canonical].available(config):
+        return
+    need = {"rotary": "rotary position embeddings", "learned": "learned position embeddings",
+            "gated_mlp": "a gated MLP", "post_norms": "post-attention/post-MLP norms"}[SITES[canonical].requires]
+    raise UnknownSiteError(f"Site {canonical!r} needs {need}; this {config.architecture} model has none.")
 
 
 def full_name(canonical: str, layer: int | None = None) -> str:
@@ -146,6 +205,7 @@ def parse(name: str, config: ModelConfig | None = None) -> tuple[str, int | None
         if canonical not in SITES or not SITES[canonical].per_layer:
             _unknown(name, config)
         if config is not None:
+            check_available(canonical, config)
             if not -config.n_layers <= layer < config.n_layers:
                 raise UnknownSiteError(
                     f"Layer {layer} in site {name!r} is out of range: the model has "
@@ -154,6 +214,7 @@ def parse(name: str, config: ModelConfig | None = None) -> tuple[str, int | None
             layer %= config.n_layers
         return canonical, layer
     if name in SITES and not SITES[name].per_layer:
+        check_available(name, config)
         return name, None
     if name in SITES:  # a per-layer site without its layer
         raise UnknownSiteError(

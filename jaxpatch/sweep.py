@@ -38,7 +38,7 @@ from ._errors import InputError, NonFiniteError
 from .config import ModelConfig
 from .interventions import ALL, NONE, Edit, Interventions
 from . import models
-from .sites import SITES
+from .sites import SITES, check_available
 from .user_metric import TracedMetric
 
 #: Grid-axis names a user may sweep over, and the site axis each indexes.
@@ -88,7 +88,8 @@ def grid(config: ModelConfig, site: str, axes, n_pos: int) -> Sweep:
         if site in SITES:
             raise InputError(f"Sweeps patch per-layer sites; {site!r} is not one.")
         _unknown(site, config)
-    sizes = {"layer": config.n_layers, "pos": n_pos, "q_pos": n_pos, "k_pos": n_pos, "head": config.n_heads, "d_mlp": config.d_mlp}
+    check_available(site, config)
+    sizes = {"layer": config.n_layers, **{a: site_obj.axis_size(config, a, 1, n_pos) for a in site_obj.axes}}
     axes = tuple(axes)
     for a in axes:
         if a not in GRID_AXES:
@@ -154,7 +155,8 @@ def check(sweep: Sweep, config: ModelConfig, n_pos: int) -> None:
     site = SITES.get(sweep.site)
     if site is None or not site.per_layer:
         raise InputError(f"Sweeps patch per-layer sites; got {sweep.site!r}.")
-    sizes = {"layer": config.n_layers, "pos": n_pos, "q_pos": n_pos, "k_pos": n_pos, "head": config.n_heads, "d_mlp": config.d_mlp, "d_head": config.d_head, "d_model": config.d_model}
+    check_available(sweep.site, config)
+    sizes = {"layer": config.n_layers, **{a: site.axis_size(config, a, 1, n_pos) for a in site.axes}}
     for axis, idx in sweep.index.items():
         if axis != "layer" and axis not in site.axes:
             raise InputError(f"Site {sweep.site!r} has axes {site.axes}; cannot index {axis!r}.")
