@@ -5,8 +5,10 @@ Upstream nodes write to the residual stream: the embedding (token + position), e
 head's output (``z_h @ W_O[h]``) and every MLP's output. Downstream nodes read it: every head's
 query, key and value input, every MLP's input, and the logits. An *edge* u -> d is u's
 contribution to d's input. To take gradients per edge, each downstream node gets its own copy of
-its residual input plus a zero-valued delta (``[.., head, d_model]`` for q/k/v), so one backward
-pass yields ∂metric/∂input for every downstream node at once, and
+its residual input plus a zero-valued delta (``[.., head, d_model]`` for q/k/v) -- the model's own
+forward pass provides these copies as on-demand sites (``blocks.hook_q_input`` ...), so there is
+one forward pass in jaxpatch -- and one backward pass yields ∂metric/∂input for every downstream
+node at once, and
 
     EAP(u -> d) = (out_u[src] - out_u[run]) · ∂metric/∂input_d            (summed over pos, d_model)
 
@@ -18,7 +20,6 @@ the source's token embeddings (midpoint rule; steps are vmapped). Exact edge pat
 from __future__ import annotations
 
 import dataclasses
-import math
 from functools import partial
 
 import jax
@@ -26,73 +27,74 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import metrics as _metrics
+from . import models
 from ._errors import InputError
 from .config import ModelConfig
-from .interventions import NONE
+from .interventions import Edit, Interventions
 from .model import HookedModel, check_tokens
-from .models._layers import SiteHandler, activation, layer_norm, lift
 from .patching import answer_arrays
 
-_NO_SITES = SiteHandler(NONE, frozenset())
+#: Sites the edge methods read (upstream outputs) in the one forward pass.
+_UP_SITES = frozenset({"blocks.hook_resid_pre", "blocks.attn.hook_result", "blocks.hook_mlp_out", "hook_embed"})
 
 
-def _ln(x, w, b, eps):
-    return layer_norm(x, w, b, eps, _NO_SITES, "blocks.ln1")
+def _check_additive(config: ModelConfig) -> None:
+    if config.post_norms:
+        raise InputError(
+            f"Edge methods decompose each attention output into per-head writes to the residual stream; this "
+            f"{config.architecture} model normalises the attention and MLP outputs after summing the heads "
+            f"(post-norms), so its heads' writes are not additive. Use node-level methods "
+            f"(jaxpatch.activation_patch / attribution_patch) instead.")
 
 
 def edge_forward(config: ModelConfig, params, tokens, deltas, embed=None):
-    """GPT-2 forward with a separate residual input per downstream node.
+    """The model's one forward pass with a separate residual input per downstream node.
+
+    Each downstream node reads its own copy of the residual stream (the model's on-demand sites
+    ``blocks.hook_q_input``/``hook_k_input``/``hook_v_input`` per head, ``blocks.hook_mlp_in``,
+    and the final residual stream for the logits), to which ``deltas`` are added:
+    ``q`` ``[L, B, T, N, D]``, ``k``/``v`` ``[L, B, T, K, D]``, ``mlp`` ``[L, B, T, D]``,
+    ``logits`` ``[B, T, D]``.
 
     Args:
-        deltas: ``q``/``k``/``v`` ``[L, B, T, N, D]``, ``mlp`` ``[L, B, T, D]``, ``logits``
-            ``[B, T, D]``: added to each downstream node's own copy of its input.
-        embed: optional token-embedding override ``[B, T, D]`` (for EAP-IG interpolation).
+        embed: optional replacement of ``hook_embed`` ``[B, T, D]`` (EAP-IG interpolation).
 
     Returns:
-        logits ``[B, T, V]`` and the upstream outputs: ``embed`` ``[B, T, D]``, ``heads``
-        ``[L, B, T, N, D]`` (per-head writes, without ``b_O``), ``mlp`` ``[L, B, T, D]``.
+        logits ``[B, T, V]`` and the upstream outputs: ``embed`` ``[B, T, D]`` (the residual
+        stream entering block 0), ``heads`` ``[L, B, T, N, D]`` (per-head writes, without
+        ``b_O``), ``mlp`` ``[L, B, T, D]``, and the token embeddings ``tok`` ``[B, T, D]``.
     """
-    c = config
-    T = tokens.shape[1]
-    emb = params["W_E"][tokens] if embed is None else embed
-    x0 = emb + lift(params["W_pos"][:T], 3)
-
-    def body(x, xs):
-        p, d = xs
-        hq = _ln(x[:, :, None, :] + d["q"], lift(p["ln1_w"], 4), lift(p["ln1_b"], 4), c.eps)
-        hk = _ln(x[:, :, None, :] + d["k"], lift(p["ln1_w"], 4), lift(p["ln1_b"], 4), c.eps)
-        hv = _ln(x[:, :, None, :] + d["v"], lift(p["ln1_w"], 4), lift(p["ln1_b"], 4), c.eps)
-        q = jnp.einsum("BTND,NDH->BTNH", hq, p["W_Q"]) + lift(p["b_Q"], 4)
-        k = jnp.einsum("BSND,NDH->BSNH", hk, p["W_K"]) + lift(p["b_K"], 4)
-        v = jnp.einsum("BSND,NDH->BSNH", hv, p["W_V"]) + lift(p["b_V"], 4)
-        scores = jnp.einsum("BTNH,BSNH->BNTS", q, k) / math.sqrt(c.d_head)
-        causal = jnp.tril(jnp.ones((1, 1, T, T), bool))
-        pattern = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
-        z = jnp.einsum("BNTS,BSNH->BTNH", pattern, v)
-        heads = jnp.einsum("BTNH,NHD->BTND", z, p["W_O"])
-        mid = x + jnp.sum(heads, axis=2) + lift(p["b_O"], 3)
-        h2 = _ln(mid + d["mlp"], lift(p["ln2_w"], 3), lift(p["ln2_b"], 3), c.eps)
-        mlp = jnp.einsum("BTF,FD->BTD", activation(c.act_fn, jnp.einsum("BTD,DF->BTF", h2, p["W_in"]) + lift(p["b_in"], 3)),
-                         p["W_out"]) + lift(p["b_out"], 3)
-        return mid + mlp, (heads, mlp)
-
-    per_layer = {k: deltas[k] for k in ("q", "k", "v", "mlp")}
-    x, (heads, mlp) = jax.lax.scan(body, x0, (params["blocks"], per_layer))
-    h = _ln(x + deltas["logits"], lift(params["ln_f_w"], 3), lift(params["ln_f_b"], 3), c.eps)
-    logits = jnp.einsum("BTD,DV->BTV", h, params["W_U"]) + lift(params["b_U"], 3)
-    return logits, {"embed": x0, "heads": heads, "mlp": mlp}
+    edits = {
+        "blocks.hook_q_input": (Edit(delta=deltas["q"], stacked=True),),
+        "blocks.hook_k_input": (Edit(delta=deltas["k"], stacked=True),),
+        "blocks.hook_v_input": (Edit(delta=deltas["v"], stacked=True),),
+        "blocks.hook_mlp_in": (Edit(delta=deltas["mlp"], stacked=True),),
+        "blocks.hook_resid_post": (Edit(layers=jnp.asarray(config.n_layers - 1, jnp.int32), delta=deltas["logits"]),),
+    }
+    if embed is not None:
+        edits["hook_embed"] = (Edit(value=embed),)
+    logits, caps = models.forward(config, params, tokens, Interventions(edits), _UP_SITES)
+    return logits, {"embed": caps["blocks.hook_resid_pre"][0], "heads": caps["blocks.attn.hook_result"],
+                    "mlp": caps["blocks.hook_mlp_out"], "tok": caps["hook_embed"]}
 
 
 def zero_deltas(config: ModelConfig, B: int, T: int, dtype):
-    L, N, D = config.n_layers, config.n_heads, config.d_model
-    return {"q": jnp.zeros((L, B, T, N, D), dtype), "k": jnp.zeros((L, B, T, N, D), dtype),
-            "v": jnp.zeros((L, B, T, N, D), dtype), "mlp": jnp.zeros((L, B, T, D), dtype),
+    L, N, K, D = config.n_layers, config.n_heads, config.n_kv_heads, config.d_model
+    return {"q": jnp.zeros((L, B, T, N, D), dtype), "k": jnp.zeros((L, B, T, K, D), dtype),
+            "v": jnp.zeros((L, B, T, K, D), dtype), "mlp": jnp.zeros((L, B, T, D), dtype),
             "logits": jnp.zeros((B, T, D), dtype)}
 
 
 @dataclasses.dataclass
 class EdgeGraph:
-    """Names and validity of the residual graph's edges for one config."""
+    """Names and validity of the residual graph's edges for one config.
+
+    Upstream: ``embed``, per layer its heads ``L{l}H{h}`` and ``MLP{l}``. Downstream: per layer
+    each query head's input ``L{l}H{h}.q``, each key/value head's inputs (``L{l}H{h}.k``; under
+    grouped-query attention ``L{l}KV{k}.k``/``.v``), ``MLP{l}.in``, and ``logits``. An edge is
+    valid when the upstream node writes before the downstream node reads (with parallel
+    attention+MLP, a layer's MLP does not read its own layer's heads).
+    """
 
     up: list[str]
     down: list[str]
@@ -100,18 +102,19 @@ class EdgeGraph:
 
     @classmethod
     def of(cls, config: ModelConfig) -> "EdgeGraph":
-        L, N = config.n_layers, config.n_heads
+        L, N, K = config.n_layers, config.n_heads, config.n_kv_heads
+        kv = "KV" if K != N else "H"
         up, up_layer = ["embed"], [-1]
         for layer in range(L):
             up += [f"L{layer}H{h}" for h in range(N)] + [f"MLP{layer}"]
             up_layer += [layer] * N + [layer + 0.5]
         down, down_layer = [], []
         for layer in range(L):
-            for kind in ("q", "k", "v"):
-                down += [f"L{layer}H{h}.{kind}" for h in range(N)]
-                down_layer += [layer] * N
+            down += [f"L{layer}H{h}.q" for h in range(N)]
+            down += [f"L{layer}{kv}{h}.{kind}" for kind in ("k", "v") for h in range(K)]
+            down_layer += [layer] * (N + 2 * K)
             down.append(f"MLP{layer}.in")
-            down_layer.append(layer + 0.5)
+            down_layer.append(layer if config.parallel_attn_mlp else layer + 0.5)
         down.append("logits")
         down_layer.append(L)
         valid = np.asarray(up_layer)[:, None] < np.asarray(down_layer)[None, :]
@@ -128,9 +131,20 @@ def _up_stack(outs):
 def _down_stack(grads):
     """Downstream input gradients ``[V, B, T, D]`` in EdgeGraph order."""
     L, B, T, N, D = grads["q"].shape
-    qkv = jnp.stack([jnp.moveaxis(grads[k], 3, 1) for k in ("q", "k", "v")], axis=1)  # [L, 3, N, B, T, D]
-    per_layer = jnp.concatenate([qkv.reshape(L, 3 * N, B, T, D), grads["mlp"][:, None]], axis=1)
-    return jnp.concatenate([per_layer.reshape(L * (3 * N + 1), B, T, D), grads["logits"][None]], axis=0)
+    K = grads["k"].shape[3]
+    per_layer = jnp.concatenate([jnp.moveaxis(grads["q"], 3, 1), jnp.moveaxis(grads["k"], 3, 1),
+                                 jnp.moveaxis(grads["v"], 3, 1), grads["mlp"][:, None]], axis=1)  # [L, N+2K+1, B, T, D]
+    return jnp.concatenate([per_layer.reshape(L * (N + 2 * K + 1), B, T, D), grads["logits"][None]], axis=0)
+
+
+def _deltas_at(config: ModelConfig, v, dx):
+    """Deltas that add ``dx`` ``[B, T, D]`` to downstream node ``v``'s input alone."""
+    L, N, K, D = config.n_layers, config.n_heads, config.n_kv_heads, config.d_model
+    B, T = dx.shape[:2]
+    flat = jnp.zeros((L * (N + 2 * K + 1) + 1, B, T, D), dx.dtype).at[v].set(dx)
+    per_layer = flat[:-1].reshape(L, N + 2 * K + 1, B, T, D)
+    return {"q": jnp.moveaxis(per_layer[:, :N], 1, 3), "k": jnp.moveaxis(per_layer[:, N:N + K], 1, 3),
+            "v": jnp.moveaxis(per_layer[:, N + K:N + 2 * K], 1, 3), "mlp": per_layer[:, N + 2 * K], "logits": flat[-1]}
 
 
 def _metric(names, logits, ctx):
@@ -153,7 +167,7 @@ def _eap_core(config, params, run_tokens, src_tokens, ctx, *, names, ig_steps):
     if ig_steps is None:
         g = grads_at(None)
     else:
-        e_run, e_src = params["W_E"][run_tokens], params["W_E"][src_tokens]
+        e_run, e_src = run_out["tok"], src_out["tok"]
         alphas = (jnp.arange(ig_steps, dtype=e_run.dtype) + 0.5) / ig_steps
         g_all = jax.vmap(lambda a: grads_at(e_run + a * (e_src - e_run)))(alphas)
         g = jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), g_all)
@@ -187,6 +201,7 @@ def _setup(model, clean_tokens, corrupt_tokens, metric, answer, wrong, answer_po
 
     names = _metric_fn(metric)
     cfg = model.config
+    _check_additive(cfg)
     clean, corrupt = check_tokens(cfg, clean_tokens), check_tokens(cfg, corrupt_tokens)
     if clean.shape != corrupt.shape:
         raise InputError(f"clean_tokens {tuple(clean.shape)} and corrupt_tokens {tuple(corrupt.shape)} must have the same shape.")
@@ -222,16 +237,10 @@ def _exact_core(config, params, run_tokens, src_tokens, ctx, up_idx, down_idx, *
     _, run_out = edge_forward(config, params, run_tokens, zeros)
     _, src_out = edge_forward(config, params, src_tokens, zeros)
     diff = _up_stack(src_out) - _up_stack(run_out)
-    L, N = config.n_layers, config.n_heads
     m_run = _metric(names, edge_forward(config, params, run_tokens, zeros)[0], ctx)
 
     def one(u, v):
-        dx = diff[u]  # [B, T, D] added to downstream input v alone
-        flat = jnp.zeros((L * (3 * N + 1) + 1, B, T, config.d_model), dx.dtype).at[v].set(dx)
-        per_layer = flat[:-1].reshape(L, 3 * N + 1, B, T, config.d_model)
-        qkv = per_layer[:, : 3 * N].reshape(L, 3, N, B, T, config.d_model)
-        d = {"q": jnp.moveaxis(qkv[:, 0], 1, 3), "k": jnp.moveaxis(qkv[:, 1], 1, 3), "v": jnp.moveaxis(qkv[:, 2], 1, 3),
-             "mlp": per_layer[:, 3 * N], "logits": flat[-1]}
+        d = _deltas_at(config, v, diff[u])  # out_u[src] - out_u[run], added to downstream input v alone
         return _metric(names, edge_forward(config, params, run_tokens, d)[0], ctx) - m_run
 
     return jax.lax.map(lambda uv: one(*uv), (up_idx, down_idx))
