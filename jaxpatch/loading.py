@@ -137,27 +137,48 @@ def canonical_dtype(dtype):
     return dt
 
 
-def load_pretrained(path_or_name, dtype="float32"):
+def checkpoint_dtype(tensors: dict[str, np.ndarray]):
+    """The dtype a checkpoint loads as by default: bfloat16 or float16 when every floating tensor
+    has that dtype, else float32."""
+    kinds = {np.dtype(t.dtype) for t in tensors.values()
+             if np.issubdtype(t.dtype, np.floating) or t.dtype == ml_dtypes.bfloat16}
+    if kinds == {np.dtype(ml_dtypes.bfloat16)}:
+        return jnp.dtype(jnp.bfloat16)
+    if kinds == {np.dtype(np.float16)}:
+        return jnp.dtype(jnp.float16)
+    return jnp.dtype(jnp.float32)
+
+
+def load_pretrained(path_or_name, dtype=None):
     """Load a Hugging Face checkpoint as a :class:`jaxpatch.HookedModel`.
+
+    Supported architectures: ``GPT2LMHeadModel``, ``GPTNeoXForCausalLM`` (Pythia),
+    ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``,
+    ``GemmaForCausalLM``, ``Gemma2ForCausalLM``, ``Gemma3ForCausalLM`` (text); ``config.json`` as
+    written by ``transformers`` 4.x or 5.x.
 
     Args:
         path_or_name: a directory with ``config.json`` and ``model.safetensors`` (or sharded
             safetensors with ``model.safetensors.index.json``), or a hub name such as ``"gpt2"``
             resolved from the local Hugging Face cache only (never downloaded).
-        dtype: ``"float32"`` (default), ``"bfloat16"``, ``"float16"`` or ``"float64"`` (needs
+        dtype: ``None`` (default: the checkpoint's dtype if it is bfloat16 or float16, else
+            float32), ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"float64"`` (needs
             ``jax_enable_x64``), or the corresponding JAX dtype.
 
     Raises:
         CheckpointError: missing directory/files/tensors, unexpected tensors, shape mismatches.
-        UnsupportedArchitectureError: the config names an architecture jaxpatch does not implement.
+        UnsupportedArchitectureError: the config names an architecture, rope type or option
+            jaxpatch does not implement.
     """
     from .model import HookedModel
 
-    dt = canonical_dtype(dtype)
+    dt = None if dtype is None else canonical_dtype(dtype)
     directory = resolve_checkpoint(path_or_name)
     hf_config, tensors = read_checkpoint(directory)
     config = convert.config_from_hf(hf_config)
-    tied = bool(hf_config.get("tie_word_embeddings", True))
+    if dt is None:
+        dt = checkpoint_dtype(tensors)
+    tied = convert.tied_from_hf(hf_config, config)
     check_finite_tensors(tensors, f"checkpoint {str(directory)!r}")
     params = convert.params_from_hf(config, tensors, tied=tied, dtype=dt)
     check_finite_params(params, dt)
@@ -197,11 +218,24 @@ def check_finite_params(params, dtype) -> None:
 
 
 def save_pretrained(model, directory) -> Path:
-    """Write ``model`` as a Hugging Face ``GPT2LMHeadModel`` directory (config.json + model.safetensors)."""
+    """Write ``model`` as a Hugging Face checkpoint directory (``config.json`` + ``model.safetensors``)
+    that ``transformers`` loads (``AutoModelForCausalLM.from_pretrained``) as the same model: a
+    ``GPT2LMHeadModel``, ``LlamaForCausalLM`` ... as ``model.config.architecture`` says.
+
+    Weights are float32 on disk, except that bfloat16/float16 models keep their dtype (GPT-2: float32).
+
+    Raises:
+        CheckpointError: the config sets an option its family's checkpoint format cannot express.
+    """
     from safetensors.numpy import save_file
 
+    hf_config = convert.config_to_hf(model.config)
+    tensors = convert.params_to_hf(model.config, model.params)
+    first = next(iter(tensors.values()))
+    name = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}.get(first.dtype, str(first.dtype))
+    hf_config = {**hf_config, "dtype": name, "torch_dtype": name}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(convert.config_to_hf(model.config), indent=2))
-    save_file(convert.params_to_hf(model.config, model.params), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2))
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     return directory

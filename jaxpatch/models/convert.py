@@ -1,7 +1,10 @@
-"""Hugging Face GPT-2 checkpoints <-> jaxpatch params (pure NumPy; torch is never imported).
+"""Hugging Face checkpoints <-> ``(ModelConfig, params)`` for every family (pure NumPy; torch is
+never imported).
 
-HF GPT-2 stores ``Conv1D`` weights as ``[in, out]`` and fuses q/k/v into ``c_attn``; this module
-splits and reshapes them into per-head TransformerLens layouts and stacks layers.
+This module dispatches on the checkpoint's architecture; each family's names and reshapes live
+in its own module: :mod:`.hf_gpt2` (GPT-2), :mod:`.hf_neox` (GPT-NeoX / Pythia), :mod:`.hf_llama`
+(Llama, Mistral, Qwen2, Qwen3), :mod:`.hf_gemma` (Gemma 1/2/3 text). The params follow the layout
+of :mod:`jaxpatch.models.transformer`; ``ModelConfig.architecture`` is the HF ``model_type``.
 """
 
 from __future__ import annotations
@@ -10,225 +13,93 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .._errors import CheckpointError, UnsupportedArchitectureError
-from ..config import ModelConfig, canonical_act_fn
+from .._errors import UnsupportedArchitectureError
+from ..config import ModelConfig
+from . import hf_gemma, hf_gpt2, hf_llama, hf_neox
 
-SUPPORTED_ARCHITECTURES = ("GPT2LMHeadModel",)
+#: ``architectures`` entry -> ``model_type`` (``ModelConfig.architecture``).
+ARCHITECTURES = {
+    "GPT2LMHeadModel": "gpt2",
+    "GPTNeoXForCausalLM": "gpt_neox",
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
+}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+_MODULES = {"gpt2": hf_gpt2, "gpt_neox": hf_neox, **{m: hf_llama for m in hf_llama.MODEL_TYPES},
+            **{m: hf_gemma for m in hf_gemma.MODEL_TYPES}}
 
-# Non-persistent buffers that older GPT-2 checkpoints contain; they carry no weights.
-_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
-_LAYER_TENSORS = (
-    "ln_1.weight",
-    "ln_1.bias",
-    "attn.c_attn.weight",
-    "attn.c_attn.bias",
-    "attn.c_proj.weight",
-    "attn.c_proj.bias",
-    "ln_2.weight",
-    "ln_2.bias",
-    "mlp.c_fc.weight",
-    "mlp.c_fc.bias",
-    "mlp.c_proj.weight",
-    "mlp.c_proj.bias",
-)
+def model_type_of(hf: Mapping[str, Any]) -> str:
+    """The family of a ``config.json`` dict; raises for architectures jaxpatch does not implement.
+
+    As ``AutoModelForCausalLM``, ``model_type`` picks the family; every ``architectures`` entry
+    must be a supported causal LM (a multimodal ``Gemma3ForConditionalGeneration`` is not).
+    """
+    archs = hf.get("architectures") or []
+    model_type = hf.get("model_type")
+    unsupported = [a for a in archs if a not in ARCHITECTURES]
+    if unsupported:
+        raise UnsupportedArchitectureError(
+            f"Unsupported architecture {unsupported[0]!r} (model_type {model_type!r}); "
+            f"jaxpatch supports: {list(SUPPORTED_ARCHITECTURES)}."
+        )
+    if model_type is None and archs:
+        model_type = ARCHITECTURES[archs[0]]
+    if model_type not in _MODULES:
+        how = f"architectures {archs}" if archs else "no 'architectures' in config.json"
+        raise UnsupportedArchitectureError(
+            f"Unsupported model_type {model_type!r} ({how}); jaxpatch supports: {list(SUPPORTED_ARCHITECTURES)} "
+            f"(model types {sorted(_MODULES)})."
+        )
+    return model_type
 
 
 def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
-    """Build a :class:`ModelConfig` from a GPT-2 ``config.json`` dict."""
-    archs = hf.get("architectures") or []
-    model_type = hf.get("model_type")
-    if archs:
-        unsupported = [a for a in archs if a not in SUPPORTED_ARCHITECTURES]
-        if unsupported:
-            raise UnsupportedArchitectureError(
-                f"Unsupported architecture {unsupported[0]!r} (model_type {model_type!r}); "
-                f"jaxpatch supports: {list(SUPPORTED_ARCHITECTURES)}."
-            )
-    elif model_type != "gpt2":
-        raise UnsupportedArchitectureError(
-            f"Unsupported model_type {model_type!r} (no 'architectures' in config.json); "
-            f"jaxpatch supports: {list(SUPPORTED_ARCHITECTURES)}."
-        )
-    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-        if hf.get(flag):
-            raise UnsupportedArchitectureError(f"GPT-2 config option {flag}=True is not supported.")
-    if hf.get("scale_attn_weights", True) is False:
-        raise UnsupportedArchitectureError("GPT-2 config option scale_attn_weights=False is not supported.")
-    try:
-        d_model, n_heads = int(hf["n_embd"]), int(hf["n_head"])
-        return ModelConfig(
-            n_layers=int(hf["n_layer"]),
-            d_model=d_model,
-            n_heads=n_heads,
-            d_head=d_model // n_heads,
-            d_mlp=int(hf.get("n_inner") or 4 * d_model),
-            d_vocab=int(hf["vocab_size"]),
-            n_ctx=int(hf.get("n_positions", hf.get("n_ctx", 1024))),
-            act_fn=canonical_act_fn(hf.get("activation_function", "gelu_new")),
-            eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-        )
-    except KeyError as e:
-        raise CheckpointError(f"config.json lacks the GPT-2 field {e.args[0]!r}.") from None
+    """Build a :class:`ModelConfig` from a ``config.json`` dict (``transformers`` 4.x or 5.x).
+
+    Raises:
+        UnsupportedArchitectureError: an architecture, rope type or option jaxpatch does not implement.
+        CheckpointError: a config.json that describes no valid model.
+    """
+    mt = model_type_of(hf)
+    if mt == "gpt2":
+        return hf_gpt2.config_from_hf(hf)
+    return _MODULES[mt].config_from_hf(hf, mt)
+
+
+def tied_from_hf(hf: Mapping[str, Any], config: ModelConfig) -> bool:
+    """Whether the checkpoint ties its unembedding to the embedding (GPT-2: the HF default, true)."""
+    if config.architecture == "gpt2":
+        return bool(hf.get("tie_word_embeddings", True))
+    return config.tied_embeddings
 
 
 def config_to_hf(config: ModelConfig) -> dict:
-    """The ``config.json`` dict of an HF ``GPT2LMHeadModel`` with this config."""
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "n_layer": config.n_layers,
-        "n_embd": config.d_model,
-        "n_head": config.n_heads,
-        "n_inner": config.d_mlp,
-        "vocab_size": config.d_vocab,
-        "n_positions": config.n_ctx,
-        "n_ctx": config.n_ctx,
-        "activation_function": config.act_fn,
-        "layer_norm_epsilon": config.eps,
-        "resid_pdrop": 0.0,
-        "embd_pdrop": 0.0,
-        "attn_pdrop": 0.0,
-        "tie_word_embeddings": False,
-        "scale_attn_weights": True,
-    }
+    """The ``config.json`` dict of the ``transformers`` model with this config.
 
-
-def expected_tensor_names(config: ModelConfig, tied: bool) -> list[str]:
-    names = ["transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "transformer.ln_f.bias"]
-    for i in range(config.n_layers):
-        names += [f"transformer.h.{i}.{t}" for t in _LAYER_TENSORS]
-    if not tied:
-        names.append("lm_head.weight")
-    return names
-
-
-def _normalise_names(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Accept both ``transformer.h.0...`` (GPT2LMHeadModel) and bare ``h.0...`` (GPT2Model) keys."""
-    out = {}
-    for k, v in tensors.items():
-        if k.endswith(_IGNORED_SUFFIXES):
-            continue
-        if not (k.startswith("transformer.") or k.startswith("lm_head.")):
-            k = "transformer." + k
-        out[k] = v
-    return out
+    Raises:
+        CheckpointError: the config sets an option its family's checkpoint cannot express.
+    """
+    return _MODULES[config.architecture].config_to_hf(config)
 
 
 def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray], tied: bool, dtype) -> dict:
-    """Convert HF GPT-2 tensors (NumPy, float32 or wider) to a jaxpatch params pytree of ``dtype``.
+    """Convert HF tensors (NumPy, any float dtype) to a jaxpatch params pytree of ``dtype``.
 
     Raises:
-        CheckpointError: naming any missing or unexpected tensors, or a tensor of the wrong shape.
+        CheckpointError: naming any missing or unexpected tensors, or a tensor of the wrong shape
+            (with the shape config.json implies and the shape found).
     """
-    t = _normalise_names(tensors)
-    if "lm_head.weight" in t and tied:
-        # A tied checkpoint that still stores lm_head: accept it if it equals wte.
-        tied = False
-    expected = expected_tensor_names(config, tied)
-    missing = [n for n in expected if n not in t]
-    unexpected = sorted(set(t) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors: {missing[:20]}{' ...' if len(missing) > 20 else ''}")
-        if unexpected:
-            parts.append(f"unexpected tensors: {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
-        raise CheckpointError("Checkpoint does not match its GPT-2 config.json: " + "; ".join(parts) + ".")
-
-    c = config
-    L, N, D, H, F, V = c.n_layers, c.n_heads, c.d_model, c.d_head, c.d_mlp, c.d_vocab
-
-    def get(name, shape):
-        a = np.asarray(t[name])
-        if a.shape != tuple(shape):
-            raise CheckpointError(f"Tensor {name!r} has shape {a.shape}; config.json implies {tuple(shape)}.")
-        return a
-
-    def layers(fn):
-        return np.stack([fn(i) for i in range(L)])
-
-    def h(i, name, shape):
-        return get(f"transformer.h.{i}.{name}", shape)
-
-    def qkv_w(i, which):  # c_attn.weight [D, 3D] -> [N, D, H]
-        w = h(i, "attn.c_attn.weight", (D, 3 * D))[:, which * D : (which + 1) * D]
-        return w.reshape(D, N, H).transpose(1, 0, 2)
-
-    def qkv_b(i, which):
-        return h(i, "attn.c_attn.bias", (3 * D,))[which * D : (which + 1) * D].reshape(N, H)
-
-    W_E = get("transformer.wte.weight", (V, D))
-    W_U = W_E.T if tied else get("lm_head.weight", (V, D)).T
-    params = {
-        "W_E": W_E,
-        "W_pos": get("transformer.wpe.weight", (c.n_ctx, D)),
-        "blocks": {
-            "ln1_w": layers(lambda i: h(i, "ln_1.weight", (D,))),
-            "ln1_b": layers(lambda i: h(i, "ln_1.bias", (D,))),
-            "W_Q": layers(lambda i: qkv_w(i, 0)),
-            "b_Q": layers(lambda i: qkv_b(i, 0)),
-            "W_K": layers(lambda i: qkv_w(i, 1)),
-            "b_K": layers(lambda i: qkv_b(i, 1)),
-            "W_V": layers(lambda i: qkv_w(i, 2)),
-            "b_V": layers(lambda i: qkv_b(i, 2)),
-            "W_O": layers(lambda i: h(i, "attn.c_proj.weight", (D, D)).reshape(N, H, D)),
-            "b_O": layers(lambda i: h(i, "attn.c_proj.bias", (D,))),
-            "ln2_w": layers(lambda i: h(i, "ln_2.weight", (D,))),
-            "ln2_b": layers(lambda i: h(i, "ln_2.bias", (D,))),
-            "W_in": layers(lambda i: h(i, "mlp.c_fc.weight", (D, F))),
-            "b_in": layers(lambda i: h(i, "mlp.c_fc.bias", (F,))),
-            "W_out": layers(lambda i: h(i, "mlp.c_proj.weight", (F, D))),
-            "b_out": layers(lambda i: h(i, "mlp.c_proj.bias", (D,))),
-        },
-        "ln_f_w": get("transformer.ln_f.weight", (D,)),
-        "ln_f_b": get("transformer.ln_f.bias", (D,)),
-        "W_U": np.ascontiguousarray(W_U),
-        "b_U": np.zeros((V,), np.float32),
-    }
-    import jax
-    import jax.numpy as jnp
-
-    return jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a, np.float64 if dtype == jnp.float64 else np.float32), dtype=dtype), params)
+    if config.architecture == "gpt2":
+        return hf_gpt2.params_from_hf(config, tensors, tied, dtype)
+    return _MODULES[config.architecture].params_from_hf(config, tensors, dtype)
 
 
 def params_to_hf(config: ModelConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Inverse of :func:`params_from_hf` (untied ``lm_head``); float32 NumPy arrays."""
-    c = config
-    N, D, H = c.n_heads, c.d_model, c.d_head
-    p = {k: v for k, v in params.items() if k != "blocks"}
-    b = params["blocks"]
-
-    def f32(a):
-        return np.ascontiguousarray(np.asarray(a, dtype=np.float32))
-
-    if np.any(np.asarray(params["b_U"], np.float32) != 0):
-        raise CheckpointError("GPT-2 checkpoints have no unembedding bias; b_U must be zero to save.")
-    out = {
-        "transformer.wte.weight": f32(p["W_E"]),
-        "transformer.wpe.weight": f32(p["W_pos"]),
-        "transformer.ln_f.weight": f32(p["ln_f_w"]),
-        "transformer.ln_f.bias": f32(p["ln_f_b"]),
-        "lm_head.weight": f32(np.asarray(p["W_U"]).T),
-    }
-    for i in range(c.n_layers):
-        pre = f"transformer.h.{i}."
-        qkv_w = [np.asarray(b[w][i]).transpose(1, 0, 2).reshape(D, D) for w in ("W_Q", "W_K", "W_V")]
-        qkv_b = [np.asarray(b[w][i]).reshape(D) for w in ("b_Q", "b_K", "b_V")]
-        out.update(
-            {
-                pre + "ln_1.weight": f32(b["ln1_w"][i]),
-                pre + "ln_1.bias": f32(b["ln1_b"][i]),
-                pre + "attn.c_attn.weight": f32(np.concatenate(qkv_w, axis=1)),
-                pre + "attn.c_attn.bias": f32(np.concatenate(qkv_b)),
-                pre + "attn.c_proj.weight": f32(np.asarray(b["W_O"][i]).reshape(N * H, D)),
-                pre + "attn.c_proj.bias": f32(b["b_O"][i]),
-                pre + "ln_2.weight": f32(b["ln2_w"][i]),
-                pre + "ln_2.bias": f32(b["ln2_b"][i]),
-                pre + "mlp.c_fc.weight": f32(b["W_in"][i]),
-                pre + "mlp.c_fc.bias": f32(b["b_in"][i]),
-                pre + "mlp.c_proj.weight": f32(b["W_out"][i]),
-                pre + "mlp.c_proj.bias": f32(b["b_out"][i]),
-            }
-        )
-    return out
+    """Inverse of :func:`params_from_hf`: HF tensors (float32, or the params' bfloat16/float16)."""
+    return _MODULES[config.architecture].params_to_hf(config, params)

@@ -71,31 +71,47 @@ def default_positions(tokens, attention_mask=None):
     return jnp.maximum(jnp.cumsum(m, axis=1) - 1, 0)
 
 
+def _pow_f32(base, exps):
+    """``base ** exps`` for float32 ``exps`` as torch computes it in float32: the correctly rounded
+    float32 power of the float32 base (torch's own float32 pow is off by one ulp in rare cases)."""
+    return (np.float64(np.float32(base)) ** exps.astype(np.float64)).astype(np.float32)
+
+
 def _inv_freq(config: ModelConfig, base: float, scaling: dict, max_pos):
-    """Rotary inverse frequencies ``[rotary_dim / 2]`` (as ``transformers`` computes them)."""
+    """Rotary inverse frequencies ``[rotary_dim / 2]``, float32, in ``transformers``' float32
+    arithmetic operation by operation (``1.0 / (base ** (arange(0, dim, 2).float() / dim))``, every
+    step rounded to float32; torch evaluates ``s / t`` as ``t.reciprocal() * s``), so the tables
+    match transformers' to the rounding of cos/sin."""
+    f32 = np.float32
     rd = config.rotary_dim
-    exps = np.arange(0, rd, 2, dtype=np.float64) / rd
+    exps = np.arange(0, rd, 2).astype(f32) / f32(rd)
     rtype = scaling.get("rope_type", "default")
     if rtype == "dynamic":  # NTK: the base grows once the sequence outgrows the trained length
-        orig = float(scaling["original_max_position_embeddings"])
+        orig = int(scaling["original_max_position_embeddings"])
         factor = float(scaling["factor"])
-        seq_len = jnp.maximum(max_pos.astype(jnp.float32) + 1.0, orig)
-        b = base * ((factor * seq_len / orig) - (factor - 1.0)) ** (rd / (rd - 2))
-        return 1.0 / (b ** jnp.asarray(exps, jnp.float32))
-    inv = 1.0 / (base ** exps)
+        # Up to the trained length transformers keeps its initial table, computed in Python floats.
+        b0 = base * ((factor * orig / orig) - (factor - 1)) ** (rd / (rd - 2))
+        static = jnp.asarray(f32(1.0) / _pow_f32(b0, exps))
+        seq_len = jnp.maximum(max_pos + 1, orig)
+        grown = (f32(factor) * seq_len.astype(jnp.float32) / f32(orig) - f32(factor - 1)) ** f32(rd / (rd - 2))
+        b = f32(base) * grown
+        dynamic = f32(1.0) / (b ** jnp.asarray(exps))
+        return jnp.where(seq_len > orig, dynamic, static)
+    inv = f32(1.0) / _pow_f32(base, exps)
     if rtype == "linear":
-        inv = inv / float(scaling["factor"])
+        inv = inv / f32(scaling["factor"])
     elif rtype == "llama3":
-        factor = float(scaling["factor"])
+        factor = f32(scaling["factor"])
         lo, hi = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
         old = float(scaling["original_max_position_embeddings"])
-        wavelen = 2 * math.pi / inv
-        scaled = np.where(wavelen > old / lo, inv / factor, inv)
-        smooth = (old / wavelen - lo) / (hi - lo)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+        low_wavelen, high_wavelen = f32(old / lo), f32(old / hi)
+        wavelen = (f32(1.0) / inv) * f32(2 * math.pi)
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = ((f32(1.0) / wavelen) * f32(old) - f32(lo)) / f32(hi - lo)
+        smoothed = (f32(1.0) - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         inv = np.where(medium, smoothed, scaled)
-    return jnp.asarray(inv.astype(np.float32))
+    return jnp.asarray(inv.astype(f32))
 
 
 def rotary_tables(config: ModelConfig, positions):
