@@ -48,7 +48,7 @@ import numpy as np
 from . import metrics as _metrics
 from ._errors import InputError
 from .interventions import NONE, Edit, Interventions
-from .model import HookedModel, check_tokens
+from .model import HookedModel, check_attention_mask, check_tokens
 from . import models
 from .patching import DEFAULT_AXES, _labels, _site, answer_arrays
 from .results import PatchResult
@@ -98,7 +98,7 @@ def _run_and_grad(config, params, tokens, ctx, *, sites, names, drop):
         if gates is not None:
             for s in _GD_SITES:
                 edits[s] = edits.get(s, ()) + (Edit(grad_scale=jnp.reshape(gates, (L,) + (1,) * 3), stacked=True),)
-        logits, caps = models.forward(config, params, tokens, Interventions(edits), frozenset(sites))
+        logits, caps = models.forward(config, params, tokens, Interventions(edits), frozenset(sites), ctx.get("attention_mask"))
         rows = jnp.take_along_axis(logits, ctx["answer_pos"][:, None, None], axis=1)[:, 0]
         m = _metrics.compute_ctx(names, rows, ctx)[0]
         return jnp.sum(m), (m, caps)
@@ -235,11 +235,11 @@ def _atp_core(config, params, run_tokens, src_tokens, ctx, *, sites, names, targ
     """Everything in one program: the source run (with captures), the run's forward and backward
     (GradDrop variants batched for ``atp*``), and every target's estimate ``[*grid, B]``."""
     rows = lambda lg: jnp.take_along_axis(lg, ctx["answer_pos"][:, None, None], axis=1)[:, 0]  # noqa: E731
-    src_logits, src_caps = models.forward(config, params, src_tokens, NONE, frozenset(sites))
+    src_logits, src_caps = models.forward(config, params, src_tokens, NONE, frozenset(sites), ctx.get("attention_mask"))
     if denoise:
         clean_rows = rows(src_logits)
     elif any(n == "kl" for n in names):
-        clean_rows = rows(models.forward(config, params, run_tokens)[0])
+        clean_rows = rows(models.forward(config, params, run_tokens, attention_mask=ctx.get("attention_mask"))[0])
     else:
         clean_rows = rows(src_logits)  # unused by the metric
     ctx = {**ctx, "clean_logprobs": jax.nn.log_softmax(clean_rows.astype(jnp.promote_types(clean_rows.dtype, jnp.float32)), -1)}
@@ -301,6 +301,7 @@ def attribution_patch(
     wrong=None,
     answer_pos=-1,
     token_labels=None,
+    attention_mask=None,
 ):
     """Estimate every patch of one or several sweeps from gradients (see module docstring).
 
@@ -335,7 +336,8 @@ def attribution_patch(
     if clean.shape != corrupt.shape:
         raise InputError(f"clean_tokens {tuple(clean.shape)} and corrupt_tokens {tuple(corrupt.shape)} must have the same shape.")
     B, T = clean.shape
-    ans, wr, apos = answer_arrays(cfg, names, answer, wrong, answer_pos, B, T)
+    mask = check_attention_mask(attention_mask, clean)
+    ans, wr, apos = answer_arrays(cfg, names, answer, wrong, answer_pos, B, T, mask)
     single = targets is None
     if single:
         tlist = [_target(site, by, model)]
@@ -359,6 +361,8 @@ def attribution_patch(
     t0 = time.perf_counter()
     run_tokens, src_tokens = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
     ctx = {"answer_pos": jnp.asarray(apos), "answer": jnp.asarray(ans), "wrong": jnp.asarray(wr)}
+    if mask is not None:
+        ctx["attention_mask"] = mask
     names, consts = _metrics.prepare(names, B, cfg.d_vocab, model.dtype)  # traced afresh: current values
     ctx["metric_consts"] = consts
     if not isinstance(names[0], str):  # a user metric must return floats to have a gradient

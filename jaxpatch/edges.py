@@ -31,7 +31,7 @@ from . import models
 from ._errors import InputError
 from .config import ModelConfig
 from .interventions import Edit, Interventions
-from .model import HookedModel, check_tokens
+from .model import HookedModel, check_attention_mask, check_tokens
 from .patching import answer_arrays
 
 #: Sites the edge methods read (upstream outputs) in the one forward pass.
@@ -47,7 +47,7 @@ def _check_additive(config: ModelConfig) -> None:
             f"(jaxpatch.activation_patch / attribution_patch) instead.")
 
 
-def edge_forward(config: ModelConfig, params, tokens, deltas, embed=None):
+def edge_forward(config: ModelConfig, params, tokens, deltas, embed=None, attention_mask=None):
     """The model's one forward pass with a separate residual input per downstream node.
 
     Each downstream node reads its own copy of the residual stream (the model's on-demand sites
@@ -73,7 +73,7 @@ def edge_forward(config: ModelConfig, params, tokens, deltas, embed=None):
     }
     if embed is not None:
         edits["hook_embed"] = (Edit(value=embed),)
-    logits, caps = models.forward(config, params, tokens, Interventions(edits), _UP_SITES)
+    logits, caps = models.forward(config, params, tokens, Interventions(edits), _UP_SITES, attention_mask)
     return logits, {"embed": caps["blocks.hook_resid_pre"][0], "heads": caps["blocks.attn.hook_result"],
                     "mlp": caps["blocks.hook_mlp_out"], "tok": caps["hook_embed"]}
 
@@ -156,12 +156,12 @@ def _metric(names, logits, ctx):
 def _eap_core(config, params, run_tokens, src_tokens, ctx, *, names, ig_steps):
     B, T = run_tokens.shape
     zeros = zero_deltas(config, B, T, params["W_E"].dtype)
-    _, run_out = edge_forward(config, params, run_tokens, zeros)
-    _, src_out = edge_forward(config, params, src_tokens, zeros)
+    _, run_out = edge_forward(config, params, run_tokens, zeros, attention_mask=ctx.get("attention_mask"))
+    _, src_out = edge_forward(config, params, src_tokens, zeros, attention_mask=ctx.get("attention_mask"))
     diff = _up_stack(src_out) - _up_stack(run_out)  # [U, B, T, D]
 
     def grads_at(embed):
-        f = lambda d: jnp.sum(_metric(names, edge_forward(config, params, run_tokens, d, embed)[0], ctx))  # noqa: E731
+        f = lambda d: jnp.sum(_metric(names, edge_forward(config, params, run_tokens, d, embed, ctx.get("attention_mask"))[0], ctx))  # noqa: E731
         return jax.grad(f)(zeros)
 
     if ig_steps is None:
@@ -194,7 +194,7 @@ class EdgeResult:
         return [(self.graph.up[i // s.shape[1]], self.graph.down[i % s.shape[1]], float(s.reshape(-1)[i])) for i in flat]
 
 
-def _setup(model, clean_tokens, corrupt_tokens, metric, answer, wrong, answer_pos, direction):
+def _setup(model, clean_tokens, corrupt_tokens, metric, answer, wrong, answer_pos, direction, attention_mask=None):
     if direction not in ("denoise", "noise"):
         raise InputError(f"direction must be 'denoise' or 'noise', got {direction!r}.")
     from .attribution import _metric_fn
@@ -206,25 +206,30 @@ def _setup(model, clean_tokens, corrupt_tokens, metric, answer, wrong, answer_po
     if clean.shape != corrupt.shape:
         raise InputError(f"clean_tokens {tuple(clean.shape)} and corrupt_tokens {tuple(corrupt.shape)} must have the same shape.")
     B, T = clean.shape
-    ans, wr, apos = answer_arrays(cfg, names, answer, wrong, answer_pos, B, T)
+    mask = check_attention_mask(attention_mask, clean)
+    ans, wr, apos = answer_arrays(cfg, names, answer, wrong, answer_pos, B, T, mask)
     names, consts = _metrics.prepare(names, B, cfg.d_vocab, model.dtype)  # traced afresh: current values
-    clean_rows = jnp.take_along_axis(model(clean), jnp.asarray(apos)[:, None, None], axis=1)[:, 0]
+    clean_rows = jnp.take_along_axis(model(clean, attention_mask=mask), jnp.asarray(apos)[:, None, None], axis=1)[:, 0]
     ctx = {"answer_pos": jnp.asarray(apos), "answer": jnp.asarray(ans), "wrong": jnp.asarray(wr),
            "clean_logprobs": jax.nn.log_softmax(clean_rows.astype(jnp.promote_types(clean_rows.dtype, jnp.float32)), -1),
            "metric_consts": consts}
+    if mask is not None:
+        ctx["attention_mask"] = mask
     run, src = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
     return names, run, src, ctx
 
 
 def edge_attribution_patch(model: HookedModel, clean_tokens, corrupt_tokens, *, direction="denoise", metric="logit_diff",
-                           answer=None, wrong=None, answer_pos=-1, ig_steps: int | None = None) -> EdgeResult:
+                           answer=None, wrong=None, answer_pos=-1, ig_steps: int | None = None,
+                           attention_mask=None) -> EdgeResult:
     """EAP (``ig_steps=None``) or EAP-IG (``ig_steps=K``) scores for every edge, one call.
 
     Returns an :class:`EdgeResult` of estimated metric changes per edge and prompt.
     """
     if ig_steps is not None and (not isinstance(ig_steps, int) or ig_steps < 1):
         raise InputError(f"ig_steps must be a positive int or None, got {ig_steps!r}.")
-    names, run, src, ctx = _setup(model, clean_tokens, corrupt_tokens, metric, answer, wrong, answer_pos, direction)
+    names, run, src, ctx = _setup(model, clean_tokens, corrupt_tokens, metric, answer, wrong, answer_pos, direction,
+                                   attention_mask)
     out = _eap_core(model.config, model.params, run, src, ctx, names=names, ig_steps=ig_steps)
     return EdgeResult(EdgeGraph.of(model.config), np.asarray(out), "eap" if ig_steps is None else f"eap-ig{ig_steps}",
                       direction, _metrics.name_of(names[0]))
@@ -234,22 +239,23 @@ def edge_attribution_patch(model: HookedModel, clean_tokens, corrupt_tokens, *, 
 def _exact_core(config, params, run_tokens, src_tokens, ctx, up_idx, down_idx, *, names):
     B, T = run_tokens.shape
     zeros = zero_deltas(config, B, T, params["W_E"].dtype)
-    _, run_out = edge_forward(config, params, run_tokens, zeros)
-    _, src_out = edge_forward(config, params, src_tokens, zeros)
+    _, run_out = edge_forward(config, params, run_tokens, zeros, attention_mask=ctx.get("attention_mask"))
+    _, src_out = edge_forward(config, params, src_tokens, zeros, attention_mask=ctx.get("attention_mask"))
     diff = _up_stack(src_out) - _up_stack(run_out)
-    m_run = _metric(names, edge_forward(config, params, run_tokens, zeros)[0], ctx)
+    m_run = _metric(names, edge_forward(config, params, run_tokens, zeros, attention_mask=ctx.get("attention_mask"))[0], ctx)
 
     def one(u, v):
         d = _deltas_at(config, v, diff[u])  # out_u[src] - out_u[run], added to downstream input v alone
-        return _metric(names, edge_forward(config, params, run_tokens, d)[0], ctx) - m_run
+        return _metric(names, edge_forward(config, params, run_tokens, d, attention_mask=ctx.get("attention_mask"))[0], ctx) - m_run
 
     return jax.lax.map(lambda uv: one(*uv), (up_idx, down_idx))
 
 
 def exact_edge_patch(model: HookedModel, clean_tokens, corrupt_tokens, edges, *, direction="denoise", metric="logit_diff",
-                     answer=None, wrong=None, answer_pos=-1) -> np.ndarray:
+                     answer=None, wrong=None, answer_pos=-1, attention_mask=None) -> np.ndarray:
     """Exact effect of patching each edge ``(up_name, down_name)`` alone: ``[n_edges, B]``."""
-    names, run, src, ctx = _setup(model, clean_tokens, corrupt_tokens, metric, answer, wrong, answer_pos, direction)
+    names, run, src, ctx = _setup(model, clean_tokens, corrupt_tokens, metric, answer, wrong, answer_pos, direction,
+                                   attention_mask)
     g = EdgeGraph.of(model.config)
     try:
         u = np.array([g.up.index(a) for a, _ in edges], np.int32)

@@ -16,7 +16,7 @@ from .cache import ActivationCache
 from .config import ModelConfig
 from .interventions import Interventions
 from . import models
-from .sites import SITES, all_full_names, name_filter, parse
+from .sites import SITES, all_full_names, check_available, name_filter, parse
 
 
 @partial(jax.jit, static_argnames=("config", "capture"))
@@ -56,6 +56,44 @@ def check_tokens(config: ModelConfig, tokens) -> jax.Array:
     return jnp.asarray(tokens, dtype=jnp.int32)
 
 
+def check_attention_mask(attention_mask, tokens):
+    """Validate a padding mask for ``tokens`` ``[batch, pos]``: same shape, 0/1 values, every
+    prompt with at least one real token, real tokens contiguous (left or right padding).
+    Returns it as ``int32`` (``None`` stays ``None``)."""
+    if attention_mask is None:
+        return None
+    if isinstance(attention_mask, jax.core.Tracer):
+        return attention_mask.astype(jnp.int32)
+    m = np.asarray(attention_mask)
+    if m.ndim == 1:
+        m = m[None, :]
+    if m.shape != tuple(tokens.shape):
+        raise InputError(f"attention_mask has shape {m.shape}; it must match the tokens, {tuple(tokens.shape)} "
+                         "(1 = real token, 0 = padding).")
+    if m.dtype != bool and not np.issubdtype(m.dtype, np.integer):
+        raise InputError(f"attention_mask must hold 0/1 integers or booleans, got dtype {m.dtype}.")
+    m = m.astype(np.int32)
+    if np.any((m != 0) & (m != 1)):
+        raise InputError("attention_mask must hold only 0 (padding) and 1 (real token).")
+    empty = np.flatnonzero(m.sum(1) == 0)
+    if empty.size:
+        raise InputError(f"attention_mask: prompt(s) {empty.tolist()} have no real token.")
+    starts = np.diff(np.concatenate([np.zeros((m.shape[0], 1), np.int32), m], axis=1), axis=1)
+    holes = np.flatnonzero((starts == 1).sum(1) > 1)
+    if holes.size:
+        raise InputError(f"attention_mask: the real tokens of prompt(s) {holes.tolist()} are not contiguous; "
+                         "pad on the left or the right only.")
+    return jnp.asarray(m)
+
+
+def last_real_position(attention_mask, batch: int, T: int) -> np.ndarray:
+    """Each prompt's last real token position ``[batch]`` (``T - 1`` without a mask)."""
+    if attention_mask is None:
+        return np.full((batch,), T - 1, np.int32)
+    m = np.asarray(attention_mask)
+    return (T - 1 - np.argmax(m[:, ::-1], axis=1)).astype(np.int32)
+
+
 class HookedModel:
     """A transformer with named intervention points, as a pure function plus its parameters.
 
@@ -90,23 +128,29 @@ class HookedModel:
         return self.params["W_E"].dtype
 
     # ---------------------------------------------------------------------------------- running
-    def run(self, tokens, interventions: Interventions | None = None, capture: Iterable[str] = ()):
+    def run(self, tokens, interventions: Interventions | None = None, capture: Iterable[str] = (), attention_mask=None):
         """Pure forward: ``(logits, captures)`` with captures keyed by canonical site name
-        (per-layer sites stacked ``[n_layers, ...]``). ``capture`` takes canonical or full names."""
+        (per-layer sites stacked ``[n_layers, ...]``). ``capture`` takes canonical or full names.
+        ``attention_mask`` ``[batch, pos]`` (1 = real token) pads prompts of different lengths:
+        each prompt gets the logits it would get alone (position ids count real tokens)."""
         tokens = check_tokens(self.config, tokens)
+        mask = check_attention_mask(attention_mask, tokens)
         ivs = self._check_interventions(interventions, tokens)
-        cap = frozenset(parse(n)[0] if n not in SITES else n for n in capture)
-        return _forward(self.config, self.params, tokens, ivs, cap)
+        cap = frozenset(parse(n, self.config)[0] if n not in SITES else n for n in capture)
+        for n in cap:
+            check_available(n, self.config)
+        return _forward(self.config, self.params, tokens, ivs, cap, mask)
 
-    def __call__(self, tokens, interventions: Interventions | None = None):
+    def __call__(self, tokens, interventions: Interventions | None = None, attention_mask=None):
         """Logits ``[batch, pos, d_vocab]`` for int tokens ``[batch, pos]`` (or ``[pos]``)."""
-        return self.run(tokens, interventions)[0]
+        return self.run(tokens, interventions, attention_mask=attention_mask)[0]
 
     def run_with_cache(
         self,
         tokens,
         names: Iterable[str] | Callable[[str], bool] | str | None = None,
         interventions: Interventions | None = None,
+        attention_mask=None,
     ):
         """Run and keep activations: ``(logits, ActivationCache)``.
 
@@ -117,7 +161,7 @@ class HookedModel:
             interventions: optional edits applied during the run.
         """
         keep, sites = name_filter(names, self.config)
-        logits, caps = self.run(tokens, interventions, sites)
+        logits, caps = self.run(tokens, interventions, sites, attention_mask)
         return logits, ActivationCache(caps, tuple(keep), self.config.n_layers)
 
     def _check_interventions(self, ivs, tokens):
@@ -158,6 +202,10 @@ class HookedModel:
     def to_tokens(self, texts):
         """Text prompt(s) -> int32 tokens ``[batch, pos]`` (all prompts must have the same length)."""
         return self._tok().to_tokens(texts)
+
+    def to_tokens_padded(self, texts, side: str = "right"):
+        """Text prompts of different lengths -> ``(tokens, attention_mask)``, padded on ``side``."""
+        return self._tok().to_tokens_padded(texts, side)
 
     def to_single_token(self, text: str) -> int:
         """The id of a one-token string (e.g. an answer); errors if it is several tokens."""

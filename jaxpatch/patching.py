@@ -24,7 +24,7 @@ from . import metrics as _metrics
 from . import sweep as _sweep
 from ._errors import InputError, NonFiniteError
 from .interventions import NONE, Interventions, add
-from .model import HookedModel, check_tokens
+from .model import HookedModel, check_attention_mask, check_tokens, last_real_position
 from .results import PatchResult
 from .sites import SHORT_NAMES, SITES, canonical, check_available
 
@@ -102,9 +102,11 @@ def noise_position_indices(positions, T: int) -> np.ndarray:
     return idx.astype(np.int32)
 
 
-def answer_arrays(cfg, names, answer, wrong, answer_pos, B: int, T: int):
+def answer_arrays(cfg, names, answer, wrong, answer_pos, B: int, T: int, attention_mask=None):
     """Validated per-prompt ``(answer, wrong, answer_pos)`` int arrays ``[B]`` (positions made
-    non-negative). ``wrong`` defaults to ``answer`` when no metric needs it."""
+    non-negative). ``wrong`` defaults to ``answer`` when no metric needs it. With an
+    ``attention_mask``, a negative ``answer_pos`` counts back from each prompt's last real token
+    (``-1``: the last real token), and every answer position must be a real token."""
     if answer is None:
         raise InputError("Give answer= (the correct next token per prompt) for the metrics.")
     if wrong is None and _metrics.needs_wrong(names):
@@ -117,7 +119,15 @@ def answer_arrays(cfg, names, answer, wrong, answer_pos, B: int, T: int):
     apos = _per_prompt(answer_pos, B, "answer_pos")
     if np.any((apos < -T) | (apos >= T)):
         raise InputError(f"answer_pos must lie in [-{T}, {T}) for prompts of {T} tokens.")
-    return ans, wr, apos % T
+    if attention_mask is None:
+        return ans, wr, apos % T
+    m = np.asarray(attention_mask)
+    apos = np.where(apos < 0, last_real_position(m, B, T) + 1 + apos, apos).astype(np.int32)
+    bad = [b for b in range(B) if not (0 <= apos[b] < T and m[b, apos[b]])]
+    if bad:
+        raise InputError(f"answer_pos {answer_pos!r} falls on padding (or before the prompt) for prompt(s) {bad[:10]}; "
+                         "answer positions must be real tokens (negative positions count back from each prompt's last real token).")
+    return ans, wr, apos
 
 
 def embedding_noise(model: HookedModel, batch: int, n_pos: int, positions, scale: float, n_samples: int, seed: int) -> Interventions:
@@ -152,6 +162,7 @@ def activation_patch(
     mesh="auto",
     position_buckets: int | str = "auto",
     progress: bool | None = None,
+    attention_mask=None,
 ) -> PatchResult:
     """Patch every component of a sweep and measure several metrics, in one compiled program.
 
@@ -190,6 +201,10 @@ def activation_patch(
         position_buckets: static position offsets for prefix reuse (1 disables; ``"auto"`` weighs
             compile time against FLOPs saved).
         progress: a progress bar per chunk: ``None`` on a terminal only, ``True``/``False`` force.
+        attention_mask: ``[batch, pos]`` (1 = real token) for padded prompts (left or right
+            padding; see ``model.to_tokens_padded``), shared by the clean and corrupted prompts,
+            which must be padded alike. Each prompt's effects are those it would have alone; the
+            default ``answer_pos=-1`` is each prompt's last real token; padding is never read.
 
     Returns:
         a :class:`PatchResult`.
@@ -223,7 +238,11 @@ def activation_patch(
                 raise InputError(f"clean_tokens {(B, T)} and corrupt_tokens {tuple(corrupt.shape)} must have the same shape.")
     elif baseline == "resample":
         raise InputError("baseline='resample' needs corrupt_tokens.")
-    ans, wr, apos = answer_arrays(cfg, names, answer, wrong, answer_pos, B, T)
+    mask = check_attention_mask(attention_mask, clean)
+    if mask is not None and baseline == "mean":
+        raise InputError("baseline='mean' averages each position over prompts, which padding misaligns; "
+                         "use equal-length prompts (no attention_mask) for mean ablation.")
+    ans, wr, apos = answer_arrays(cfg, names, answer, wrong, answer_pos, B, T, mask)
     static_names, metric_consts = _metrics.prepare(names, B, cfg.d_vocab, model.dtype)
     c = _site(site, model)
     if patches is not None:
@@ -236,7 +255,7 @@ def activation_patch(
     # --- the two reference runs and the run being patched -------------------------------------
     capture = _sweep.run_sites(cfg) | {c}
     t0 = time.perf_counter()
-    clean_logits, clean_caps = model.run(clean, capture=capture)
+    clean_logits, clean_caps = model.run(clean, capture=capture, attention_mask=mask)
     noise_iv = None
     if baseline == "noise":
         if noise_positions is None:
@@ -250,9 +269,10 @@ def activation_patch(
         corrupt = jnp.tile(clean, (rep, 1))
     else:
         rep = sets or 1
+    rep_mask = None if mask is None else jnp.tile(mask, (rep, 1))  # the run's mask, per set / sample
     corrupt_caps = corrupt_logits = None
     if corrupt_tokens is not None or baseline == "noise":
-        corrupt_logits, corrupt_caps = model.run(corrupt, noise_iv, capture=capture)
+        corrupt_logits, corrupt_caps = model.run(corrupt, noise_iv, capture=capture, attention_mask=rep_mask)
 
     rows = lambda lg: jnp.take_along_axis(lg, jnp.asarray(np.tile(apos, rep))[:, None, None], axis=1)[:, 0]  # noqa: E731
     clean_rows = rows(jnp.tile(clean_logits, (rep, 1, 1)))
@@ -292,7 +312,7 @@ def activation_patch(
         else:  # zero
             source, src_stacked = jnp.zeros((), model.dtype), False
     run_tokens = corrupt if direction == "denoise" else jnp.tile(clean, (rep, 1))
-    run_cache = _sweep.run_cache(cfg, run_caps, run_tokens)
+    run_cache = _sweep.run_cache(cfg, run_caps, run_tokens, rep_mask)
     setup_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -31,9 +31,26 @@ class Tokenizer:
             raise InputError("Every prompt must encode to at least one token.")
         lengths = sorted({len(r) for r in rows})
         if len(lengths) > 1:
-            raise InputError(f"Prompts tokenize to different lengths {lengths}; jaxpatch batches are padding-free: "
-                             "make every prompt the same number of tokens.")
+            raise InputError(f"Prompts tokenize to different lengths {lengths}: use to_tokens_padded(texts) for "
+                             "tokens and an attention_mask, or make every prompt the same number of tokens.")
         return np.asarray(rows, np.int32)
+
+    def to_tokens_padded(self, texts: Sequence[str], side: str = "right", pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """``(tokens, attention_mask)`` ``[batch, pos]`` for prompts of different lengths, padded on
+        ``side`` (``"right"`` or ``"left"``) with ``pad_id``; the mask is 1 on real tokens. Pass
+        the mask as ``attention_mask=`` wherever tokens go."""
+        if side not in ("left", "right"):
+            raise InputError(f"side must be 'left' or 'right', got {side!r}.")
+        rows = [self.encode(t) for t in ([texts] if isinstance(texts, str) else texts)]
+        if not rows or any(len(r) == 0 for r in rows):
+            raise InputError("Every prompt must encode to at least one token.")
+        T = max(len(r) for r in rows)
+        tokens = np.full((len(rows), T), pad_id, np.int32)
+        mask = np.zeros((len(rows), T), np.int32)
+        for i, r in enumerate(rows):
+            sl = slice(T - len(r), T) if side == "left" else slice(0, len(r))
+            tokens[i, sl], mask[i, sl] = r, 1
+        return tokens, mask
 
     def to_single_token(self, text: str) -> int:
         """The id of a string that must be exactly one token (an answer)."""

@@ -31,7 +31,7 @@ import numpy as np
 from .. import sweep as _sweep
 from .._errors import InputError
 from ..cache import ActivationCache
-from ..model import HookedModel, check_tokens
+from ..model import HookedModel, check_attention_mask, check_tokens
 from ..sweep import CustomMetric
 from ..user_metric import first_position_read, trace
 
@@ -53,9 +53,11 @@ def _trace_metric(metric, logits):
 
 
 def generic_activation_patch(model: HookedModel, corrupted_tokens, clean_cache: ActivationCache, patching_metric,
-                             site: str, index_axis_names, **engine_kw):
+                             site: str, index_axis_names, attention_mask=None, **engine_kw):
     """Patch ``site`` (canonical name) over every combination of ``index_axis_names`` (jaxpatch
-    grid-axis names, e.g. ``("layer", "pos")``); result shaped by those axes in that order."""
+    grid-axis names, e.g. ``("layer", "pos")``); result shaped by those axes in that order.
+    ``attention_mask`` ``[batch, pos]``: padded prompts (the clean cache must come from
+    ``run_with_cache(clean_tokens, attention_mask=...)`` with the same padding)."""
     if not isinstance(model, HookedModel):
         raise InputError(f"model must be a jaxpatch HookedModel, got {type(model).__name__}.")
     if not isinstance(clean_cache, ActivationCache):
@@ -71,12 +73,13 @@ def generic_activation_patch(model: HookedModel, corrupted_tokens, clean_cache: 
         raise InputError(f"clean_cache was computed on prompts of shape {tuple(source.shape[1:3])}; corrupted_tokens has shape {(B, T)}.")
     if site in ("blocks.attn.hook_pattern", "blocks.attn.hook_attn_scores") and (source.shape[1], source.shape[3]) != (B, T):
         raise InputError(f"clean_cache was computed on prompts of shape {(source.shape[1], source.shape[3])}; corrupted_tokens has shape {(B, T)}.")
-    logits, caps = model.run(tokens, capture=_sweep.run_sites(model.config))
+    mask = check_attention_mask(attention_mask, tokens)
+    logits, caps = model.run(tokens, capture=_sweep.run_sites(model.config), attention_mask=mask)
     metric, consts = _trace_metric(patching_metric, logits)
     spec = _sweep.grid(model.config, site, index_axis_names, T)
     out, _ = _sweep.run(
         model.config, model.params, spec,
-        _sweep.run_cache(model.config, caps, tokens),
+        _sweep.run_cache(model.config, caps, tokens, mask),
         source, True, metric, {"metric_consts": consts}, T, **engine_kw,
     )
     return out.reshape(spec.grid_shape)
