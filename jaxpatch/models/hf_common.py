@@ -124,11 +124,14 @@ def layer_types_from(hf: Mapping[str, Any], n_layers: int, family: str) -> tuple
 
 
 def windows(sliding_window, layer_types: tuple | None, family: str) -> dict:
-    """ModelConfig ``sliding_window`` / ``layer_types`` from per-layer types (``None``: all full)."""
+    """ModelConfig ``sliding_window`` / ``layer_types`` from per-layer types (``None``: all full;
+    every layer sliding gives ``layer_types=None``, as a config that only sets ``sliding_window``)."""
     if layer_types is None or "sliding_attention" not in layer_types:
         return {"sliding_window": None, "layer_types": None}
     if not sliding_window:
         raise CheckpointError(f"{family} config.json has sliding_attention layers but no sliding_window.")
+    if all(t == "sliding_attention" for t in layer_types):  # ModelConfig's canonical "every layer"
+        return {"sliding_window": int(sliding_window), "layer_types": None}
     return {"sliding_window": int(sliding_window), "layer_types": tuple(layer_types)}
 
 

@@ -71,12 +71,6 @@ def default_positions(tokens, attention_mask=None):
     return jnp.maximum(jnp.cumsum(m, axis=1) - 1, 0)
 
 
-def _pow_f32(base, exps):
-    """``base ** exps`` for float32 ``exps`` as torch computes it in float32: the correctly rounded
-    float32 power of the float32 base (torch's own float32 pow is off by one ulp in rare cases)."""
-    return (np.float64(np.float32(base)) ** exps.astype(np.float64)).astype(np.float32)
-
-
 def _inv_freq(config: ModelConfig, base: float, scaling: dict, max_pos):
     """Rotary inverse frequencies ``[rotary_dim / 2]``, float32, in ``transformers``' float32
     arithmetic operation by operation (``1.0 / (base ** (arange(0, dim, 2).float() / dim))``, every
@@ -85,19 +79,23 @@ def _inv_freq(config: ModelConfig, base: float, scaling: dict, max_pos):
     f32 = np.float32
     rd = config.rotary_dim
     exps = np.arange(0, rd, 2).astype(f32) / f32(rd)
+
+    def _pow_f32(b):  # base ** exps in float32: the correctly rounded power of the float32 base
+        return (np.float64(f32(b)) ** exps.astype(np.float64)).astype(f32)  # (torch's can be 1 ulp off)
+
     rtype = scaling.get("rope_type", "default")
     if rtype == "dynamic":  # NTK: the base grows once the sequence outgrows the trained length
         orig = int(scaling["original_max_position_embeddings"])
         factor = float(scaling["factor"])
         # Up to the trained length transformers keeps its initial table, computed in Python floats.
         b0 = base * ((factor * orig / orig) - (factor - 1)) ** (rd / (rd - 2))
-        static = jnp.asarray(f32(1.0) / _pow_f32(b0, exps))
+        static = jnp.asarray(f32(1.0) / _pow_f32(b0))
         seq_len = jnp.maximum(max_pos + 1, orig)
         grown = (f32(factor) * seq_len.astype(jnp.float32) / f32(orig) - f32(factor - 1)) ** f32(rd / (rd - 2))
         b = f32(base) * grown
         dynamic = f32(1.0) / (b ** jnp.asarray(exps))
         return jnp.where(seq_len > orig, dynamic, static)
-    inv = f32(1.0) / _pow_f32(base, exps)
+    inv = f32(1.0) / _pow_f32(base)
     if rtype == "linear":
         inv = inv / f32(scaling["factor"])
     elif rtype == "llama3":
