@@ -138,13 +138,19 @@ def canonical_dtype(dtype):
 
 
 def checkpoint_dtype(tensors: dict[str, np.ndarray]):
-    """The dtype a checkpoint loads as by default: bfloat16 or float16 when every floating tensor
-    has that dtype, else float32."""
-    kinds = {np.dtype(t.dtype) for t in tensors.values()
-             if np.issubdtype(t.dtype, np.floating) or t.dtype == ml_dtypes.bfloat16}
-    if kinds == {np.dtype(ml_dtypes.bfloat16)}:
+    """The dtype a checkpoint loads as by default: bfloat16 or float16 when that is the dtype of
+    most of its floating-point weights (by element count, so a small float32 buffer such as an old
+    checkpoint's ``rotary_emb.inv_freq`` does not count), else float32."""
+    counts: dict = {}
+    for t in tensors.values():
+        if np.issubdtype(t.dtype, np.floating) or t.dtype == ml_dtypes.bfloat16:
+            counts[np.dtype(t.dtype)] = counts.get(np.dtype(t.dtype), 0) + t.size
+    if not counts:
+        return jnp.dtype(jnp.float32)
+    dominant = max(counts, key=counts.get)
+    if dominant == np.dtype(ml_dtypes.bfloat16):
         return jnp.dtype(jnp.bfloat16)
-    if kinds == {np.dtype(np.float16)}:
+    if dominant == np.dtype(np.float16):
         return jnp.dtype(jnp.float16)
     return jnp.dtype(jnp.float32)
 
@@ -162,7 +168,7 @@ def load_pretrained(path_or_name, dtype=None):
             safetensors with ``model.safetensors.index.json``), or a hub name such as ``"gpt2"``
             resolved from the local Hugging Face cache only (never downloaded).
         dtype: ``None`` (default: the checkpoint's dtype if it is bfloat16 or float16, else
-            float32), ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"float64"`` (needs
+            float32; see :func:`checkpoint_dtype`), ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"float64"`` (needs
             ``jax_enable_x64``), or the corresponding JAX dtype.
 
     Raises:

@@ -192,8 +192,7 @@ def family_ckpt(request, tmp_path_factory):
 def test_every_family_round_trips(family_ckpt):
     model, ckpt = family_ckpt
     cfg = json.loads((ckpt / "config.json").read_text())
-    assert cfg["architectures"] == [convert.SUPPORTED_ARCHITECTURES[
-        list(convert.ARCHITECTURES.values()).index(model.config.architecture)]]
+    assert len(cfg["architectures"]) == 1 and convert.ARCHITECTURES[cfg["architectures"][0]] == model.config.architecture
     loaded = jaxpatch.load_pretrained(ckpt)
     assert loaded.config == model.config
     assert jax.tree_util.tree_structure(loaded.params) == jax.tree_util.tree_structure(model.params)
@@ -221,7 +220,8 @@ def test_every_family_reports_missing_unexpected_and_misshapen_tensors(family_ck
     save_file(misshapen, str(out / "model.safetensors"))
     expected = tensors[victim].shape
     with pytest.raises(jaxpatch.CheckpointError,
-                       match=rf"Tensor '{re.escape(victim)}' has shape \(5, 3\); config.json implies {re.escape(str(expected))}"):
+                       match=rf"Tensor '{re.escape(victim)}' has shape \(5, 3\); "
+                             rf"config.json implies {re.escape(str(expected))}"):
         jaxpatch.load_pretrained(out)
 
 
@@ -267,7 +267,8 @@ def test_gpt_neox_fused_qkv_is_split_per_head():
     N, H, D = config.n_heads, config.d_head, config.d_model
     tensors = {k: v for k, v in convert.params_to_hf(config, family_model("gpt_neox").params).items()}
     rows = np.arange(3 * N * H)
-    w = np.broadcast_to((rows // H % 3 * 1000 + rows // (3 * H) * 10 + rows % H)[:, None].astype(np.float32), (3 * N * H, D))
+    code = rows // H % 3 * 1000 + rows // (3 * H) * 10 + rows % H  # (q/k/v, head, dim) of each row
+    w = np.broadcast_to(code[:, None].astype(np.float32), (3 * N * H, D))
     tensors["gpt_neox.layers.0.attention.query_key_value.weight"] = np.ascontiguousarray(w)
     tensors["gpt_neox.layers.0.attention.query_key_value.bias"] = np.ascontiguousarray(w[:, 0])
     params = hf_neox.params_from_hf(config, tensors, jnp.float32)
@@ -415,3 +416,16 @@ def test_configs_a_family_cannot_express_are_not_saved(tmp_path):
     model = jaxpatch.HookedModel.from_config(config)
     with pytest.raises(jaxpatch.CheckpointError, match=r"Llama checkpoint: .*post_norms is True.*qkv_bias != o_bias"):
         jaxpatch.save_pretrained(model, tmp_path / "x")
+
+
+def test_default_dtype_is_the_dtype_of_most_weights():
+    import ml_dtypes
+
+    from jaxpatch.loading import checkpoint_dtype
+
+    big = np.zeros((64, 64))
+    small = np.zeros(8)
+    assert checkpoint_dtype({"w": big.astype(ml_dtypes.bfloat16), "inv_freq": small.astype(np.float32)}) == jnp.bfloat16
+    assert checkpoint_dtype({"w": big.astype(np.float16), "mask": small.astype(bool)}) == jnp.float16
+    assert checkpoint_dtype({"w": big.astype(np.float32), "n": small.astype(ml_dtypes.bfloat16)}) == jnp.float32
+    assert checkpoint_dtype({"w": big.astype(np.float64)}) == jnp.float32  # float64 needs dtype= and x64

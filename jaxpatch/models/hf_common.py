@@ -290,10 +290,6 @@ def save_specs(params: Mapping[str, Any], top: list[Spec], layer: list[Spec], n_
     return out
 
 
-def dtype_name(dt) -> str:
-    return {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}.get(np.dtype(dt), str(np.dtype(dt)))
-
-
 def check_saveable(family: str, problems: Mapping[str, bool]) -> None:
     """Raise if the config sets an option the family's checkpoint format cannot express
     (``problems``: description -> whether it applies)."""
