@@ -235,8 +235,12 @@ def cmd_info(args) -> int:
     shapes = model.site_shapes(batch=args.batch, pos=args.pos)
     print(f"sites ({len(shapes)}) and activation shapes for tokens [batch={args.batch}, pos={args.pos}]:")
     width = max(len(n) for n in shapes)
+    from .sites import SITES, parse
+
     for name, shape in shapes.items():
-        print(f"  {name:<{width}s}  {tuple(shape)}")
+        site = SITES[parse(name)[0]]
+        axes = ", ".join("kv_head" if a == "head" and site.kv else a for a in site.axes)
+        print(f"  {name:<{width}s}  {str(tuple(shape)):<22s} [{axes}]")
     return 0
 
 

@@ -229,3 +229,15 @@ def test_config_errors(kw, match):
     base = dict(n_layers=2, d_model=16, n_heads=4, d_head=4, d_mlp=32, d_vocab=30, n_ctx=8, positional="rotary")
     with pytest.raises(jaxpatch.JaxpatchError, match=match):
         ModelConfig(**{**base, **kw})
+
+
+def test_info_shows_the_family_sites_with_kv_heads(tmp_path, capsys):
+    from jaxpatch.cli import main
+
+    m = jaxpatch.HookedModel.from_config(CONFIGS["llama"])
+    path = jaxpatch.save_pretrained(m, tmp_path / "llama")
+    assert main(["info", str(path), "--pos", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.1.attn.hook_k" in out and "(1, 5, 2, 8)" in out and "[batch, pos, kv_head, d_head]" in out
+    assert "blocks.1.attn.hook_rot_q" in out and "blocks.0.mlp.hook_pre_linear" in out
+    assert "hook_pos_embed" not in out and "architecture  llama" in out
