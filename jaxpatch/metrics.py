@@ -142,24 +142,33 @@ def compute_ctx(names: tuple, logits, ctx):
     return compute(names, logits, ctx["answer"], ctx.get("wrong"), ctx.get("clean_logprobs"), ctx.get("metric_consts"))
 
 
-def normalise(values, clean, corrupt, direction: str, name: str = "metric"):
+def gap_floor(logit_rows, dtype) -> float:
+    """The smallest clean-corrupt gap that is more than floating-point rounding: runs of different
+    batch sizes round differently (~eps x the logits' magnitude), so a smaller gap is noise and
+    normalising by it would turn noise into effects of any size."""
+    scale = max([1.0] + [float(np.max(np.abs(np.asarray(r, np.float64)))) for r in logit_rows if r is not None])
+    return float(64 * np.finfo(np.dtype(dtype)).eps * scale)
+
+
+def normalise(values, clean, corrupt, direction: str, name: str = "metric", floor: float = 0.0):
     """Normalise raw metric values (mean over prompts) to the baselines, as a fraction of the gap.
 
     denoising: ``(m - m_corrupt) / (m_clean - m_corrupt)``; noising: ``(m_clean - m) /
     (m_clean - m_corrupt)``, with m_clean and m_corrupt the *means over prompts* (dividing by the
     mean gap, not each prompt's own, so near-zero-gap prompts cannot blow up). Effects keep their
-    sign.
+    sign. ``floor``: gaps at most this large are rounding noise (see :func:`gap_floor`).
 
     Raises:
-        JaxpatchError: a baseline is NaN/inf, or the gap is zero (clean == corrupt).
+        JaxpatchError: a baseline is NaN/inf, or the gap is zero or rounding noise.
     """
     c, k = float(np.mean(clean)), float(np.mean(corrupt))
     if not (np.isfinite(c) and np.isfinite(k)):
         raise JaxpatchError(f"Metric {name!r} has a non-finite baseline (clean {c}, corrupt {k}); cannot normalise.")
     gap = c - k
-    if gap == 0 or abs(gap) <= 1e-7 * max(abs(c), abs(k), 1e-30):
+    if gap == 0 or abs(gap) <= max(1e-7 * max(abs(c), abs(k)), floor):
         raise JaxpatchError(
-            f"Metric {name!r}: the clean and corrupt baselines are equal ({c:.6g}); the normalised effect is "
+            f"Metric {name!r}: the clean and corrupt baselines are equal up to floating-point rounding (clean "
+            f"{c:.6g}, corrupt {k:.6g}, gap {gap:.3g}, rounding floor {floor:.2g}); the normalised effect is "
             f"undefined. Use raw values, or corrupted prompts that change the behaviour."
         )
     v = np.asarray(values, dtype=np.float64)

@@ -336,6 +336,8 @@ def activation_patch(
         mk = None if mk is None else mk.reshape(M, rep * B)
     labels = _labels(axes, shape, np.asarray(clean[0]), token_labels, c, cfg)
     info = {"setup_s": setup_s, "sweep_s": sweep_s, "n_patches": spec.size, "batch": B, "chunk_size": pl.chunk,
+            "gap_floor": _metrics.gap_floor([clean_rows, None if corrupt_logits is None else rows(corrupt_logits)],
+                                            clean_rows.dtype),
             "executed_rows": _sweep.executed_rows(pl, cfg.n_layers, T), "minimal_rows": _sweep.minimal_rows(spec, cfg.n_layers, T)}
     return PatchResult(c, direction, baseline, tuple(_metrics.name_of(n) for n in names), axes, labels, per, mc, mk, info)
 

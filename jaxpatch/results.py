@@ -66,12 +66,13 @@ class PatchResult:
         if self.corrupt is None:
             raise InputError(f"{self.baseline} ablation has no corrupted run to normalise against; use values().")
         vals = self.values(metric)
+        floor = float(self.info.get("gap_floor", 0.0))
         if "corrupt_set" in self.axes:
             return np.stack([
-                _metrics.normalise(vals[s], self.clean[i], self.corrupt[s, i], self.direction, name)
+                _metrics.normalise(vals[s], self.clean[i], self.corrupt[s, i], self.direction, name, floor)
                 for s in range(vals.shape[0])
             ])
-        return _metrics.normalise(vals, self.clean[i], self.corrupt[i], self.direction, name)
+        return _metrics.normalise(vals, self.clean[i], self.corrupt[i], self.direction, name, floor)
 
     def baselines(self, metric: str | None = None) -> dict[str, Any]:
         """Mean metric of the unpatched runs: ``{"clean": float, "corrupt": float}``. With several

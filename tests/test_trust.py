@@ -372,3 +372,18 @@ def test_float64_model_keeps_float64(x64, prompts):
     _, cache = m64.run_with_cache(clean)
     out = tlp.get_act_patch_resid_pre(m64, corrupt, cache, lambda lg: lg[:, -1, 3].mean())
     assert out.dtype == jnp.float64
+
+
+def test_rounding_noise_gap_is_not_normalised():
+    # The corrupted runs (9 noised copies) differ from the clean run only after the answer
+    # position: the true gap is 0, the computed one float32 rounding of a different batch size.
+    cfg = jaxpatch.ModelConfig.gpt2(n_layers=1, d_model=8, n_heads=2, d_mlp=8, d_vocab=20, n_ctx=8)
+    m = jaxpatch.HookedModel.from_config(cfg, seed=0)
+    m.params = jax.tree_util.tree_map(lambda a: a * 4.0 if a.ndim >= 2 else a, m.params)
+    clean = np.array([[17, 12, 10, 5, 6, 0, 1], [0, 3, 16, 12, 18, 10, 12], [19, 14, 12, 10, 11, 18, 5]])
+    r = jaxpatch.activation_patch(m, clean, None, site="resid_pre", by=("layer",), baseline="noise", noise_positions=[4, 6],
+                                  n_noise=3, metrics=("kl", "logit_diff"), answer=1, wrong=2, answer_pos=2, mesh=None)
+    for metric in ("kl", "logit_diff"):
+        with pytest.raises(jaxpatch.JaxpatchError, match="rounding"):
+            r.normalized(metric)
+    assert np.isnan(r.to_dataframe()["kl_normalized"]).all()
