@@ -5,8 +5,9 @@ same programs every time it starts. :func:`setup`, called when ``jaxpatch`` is i
 JAX's persistent compilation cache at a jaxpatch directory so a second process loads the compiled
 programs from disk instead:
 
-* the directory is ``$JAXPATCH_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/jaxpatch/xla``, else
-  ``~/.cache/jaxpatch/xla``;
+* the directory is ``$JAXPATCH_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/jaxpatch/xla/<env>``,
+  else ``~/.cache/jaxpatch/xla/<env>``, where ``<env>`` separates jax versions and ``XLA_FLAGS``
+  settings (see :func:`environment_tag`);
 * ``JAXPATCH_NO_COMPILE_CACHE=1`` (anything but ``""``/``"0"``) turns it off;
 * a cache the user configured for JAX (``JAX_COMPILATION_CACHE_DIR``,
   ``jax.config.update("jax_compilation_cache_dir", ...)`` before ``import jaxpatch``, or
@@ -50,13 +51,30 @@ class CompileCacheWarning(UserWarning):
     """The persistent compilation cache could not be enabled."""
 
 
+def environment_tag() -> str:
+    """A subdirectory name for the programs of one environment: the jax/jaxlib versions, the
+    machine, and ``XLA_FLAGS``. JAX leaves some flags out of its cache keys (the simulated CPU
+    device count among them), and an executable loaded into a process set up differently from
+    the one that compiled it can crash that process (seen: a segmentation fault while
+    deserialising), so processes set up differently never share entries."""
+    import hashlib
+    import platform
+
+    import jax
+    import jaxlib
+
+    raw = "|".join([jax.__version__, jaxlib.__version__, platform.machine(), os.environ.get("XLA_FLAGS", "")])
+    return f"jax{jax.__version__}-{hashlib.sha1(raw.encode()).hexdigest()[:10]}"
+
+
 def default_dir() -> Path:
-    """``$JAXPATCH_CACHE_DIR``, else ``$XDG_CACHE_HOME/jaxpatch/xla``, else ``~/.cache/jaxpatch/xla``."""
+    """``$JAXPATCH_CACHE_DIR``, else ``$XDG_CACHE_HOME/jaxpatch/xla/<env>``, else
+    ``~/.cache/jaxpatch/xla/<env>`` (``<env>``: :func:`environment_tag`)."""
     explicit = os.environ.get(ENV_DIR, "")
     if explicit:
         return Path(explicit).expanduser()
     base = os.environ.get("XDG_CACHE_HOME", "") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "jaxpatch" / "xla"
+    return Path(base) / "jaxpatch" / "xla" / environment_tag()
 
 
 def _disabled() -> bool:

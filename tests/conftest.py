@@ -4,6 +4,12 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Hermetic compilation cache: the test session compiles into its own directory, never reading
+# entries that other processes (other sessions, other flags, killed runs) left behind.
+if "JAXPATCH_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAXPATCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxpatch-test-cache-")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
