@@ -11,7 +11,11 @@ AtP* adds two corrections:
 * **QK fix.** For queries and keys, the attention softmax is recomputed exactly for the patched
   scores and only the map from the pattern to the metric is linearised:
   ``(pattern_patched - pattern_run) · ∂metric/∂pattern``. Plain AtP misses patches that move a
-  saturated softmax.
+  saturated softmax. The patched scores come from the queries/keys the attention actually reads
+  (after q/k norms and the rotary embedding, ``hook_rot_q``/``hook_rot_k``) through the model's own
+  :func:`~jaxpatch.models.transformer.attention_logits` (grouped-query heads, attention scale,
+  soft-capping, causal mask, sliding windows, padding), so every family gets the exact softmax. A
+  key head of a grouped-query model feeds its whole group of query heads: its estimate sums theirs.
 * **GradDrop.** For each layer l, ``AtP_{-l}`` recomputes the gradient with the backward flow
   through layer l's *contribution to the residual stream* dropped: the gradient is zeroed at
   layer l's outputs, ``blocks.{l}.hook_attn_out`` and ``blocks.{l}.hook_mlp_out`` (the paper's
@@ -36,7 +40,6 @@ give 0, not ``-inf - (-inf) = NaN``.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from functools import partial
 from typing import Sequence
@@ -50,6 +53,7 @@ from ._errors import InputError
 from .interventions import NONE, Edit, Interventions
 from .model import HookedModel, check_attention_mask, check_tokens
 from . import models
+from .models import transformer as _transformer
 from .patching import DEFAULT_AXES, _labels, _site, answer_arrays
 from .results import PatchResult
 from .sites import SITES
@@ -121,20 +125,6 @@ def _first_order(src, run, g):
     return jnp.where(src == run, jnp.zeros((), g.dtype), (src - run) * g)
 
 
-def _plain_attention_lacks(config) -> str:
-    """What makes a model's attention more than softmax(q k^T / sqrt(d_head)) under a causal mask
-    (the QK fix's recomputation), or ``""``."""
-    extra = [what for what, on in (
-        ("rotary embeddings", config.positional == "rotary"), ("grouped-query attention", config.n_kv_heads != config.n_heads),
-        ("q/k norms", config.qk_norm), ("a custom attention scale", config.attn_scale is not None),
-        ("attention soft-capping", config.attn_softcap is not None), ("sliding windows", any(config.sliding_layers))) if on]
-    return ", ".join(extra)
-
-
-def _plain_attention(config) -> bool:
-    return not _plain_attention_lacks(config)
-
-
 def _reduce(prod, site: str, axes: tuple[str, ...]):
     """Sum an elementwise product ``[L, B, ...site axes]`` down to ``[*grid, B]``."""
     site_axes = ("layer",) + SITES[site].axes
@@ -145,12 +135,46 @@ def _reduce(prod, site: str, axes: tuple[str, ...]):
     return jnp.transpose(out, [remaining.index(k) for k in keep])
 
 
-def _pattern_from(q, k, d_head):
-    """Causal attention pattern ``[L, B, N, T, S]`` from q ``[L,B,T,N,H]`` and k ``[L,B,S,N,H]``."""
+def _qk_inputs(config, params, caps):
+    """Queries ``[L, B, T, N, H]`` and keys ``[L, B, S, K, H]`` as the attention reads them (after
+    the q/k norm and the rotary embedding). Patching ``hook_q``/``hook_k`` entries replaces exactly
+    the corresponding entries here by the source run's: norm and rotation act on each entry alone,
+    at its position, and positions are the same in both runs."""
+    if config.positional == "rotary":
+        return caps["blocks.attn.hook_rot_q"], caps["blocks.attn.hook_rot_k"]
+    q, k = caps["blocks.attn.hook_q"], caps["blocks.attn.hook_k"]
+    if config.qk_norm:  # normed but not rotated: no site holds them, apply the model's norm
+        b = params["blocks"]
+        norm = jax.vmap(lambda x, w: _transformer._head_rms(x, w, config.eps))
+        q, k = norm(q, b["q_norm_w"]), norm(k, b["k_norm_w"])
+    return q, k
+
+
+def _scores_from(config, q, k, key_mask):
+    """Masked pre-softmax scores ``[L, B, N, T, S]`` (-inf where not visible) and ``visible``
+    ``[L, B, 1, T, S]`` from q ``[L, B, T, N, H]`` and k ``[L, B, S, K, H]``: the model's own
+    :func:`~jaxpatch.models.transformer.attention_logits` per layer (scale, soft-cap, grouped
+    heads, causal mask, sliding window, padding)."""
     T = q.shape[2]
-    s = jnp.einsum("LBTNH,LBSNH->LBNTS", q, k) / math.sqrt(d_head)
-    causal = jnp.tril(jnp.ones((1, 1, 1, T, T), bool))
-    return jax.nn.softmax(jnp.where(causal, s, -jnp.inf), axis=-1), s
+    idx = jnp.arange(T, dtype=jnp.int32)
+    return jax.vmap(lambda qq, kk, w: _transformer.attention_logits(config, qq, kk, idx, idx, w, key_mask))(
+        q, k, _transformer._windows(config))
+
+
+def _pattern_of(scores, visible):
+    """Softmax over keys as the model takes it: a row with no visible key (a padding query) is 0."""
+    any_visible = jnp.any(visible, axis=-1, keepdims=True)
+    s = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
+    return jax.nn.softmax(jnp.where(any_visible, s, 0.0), axis=-1) * any_visible
+
+
+def _per_kv_head(config, est):
+    """Sum ``[L, B, N, X]`` over each group of query heads sharing a key/value head -> ``[L, B, K, X]``."""
+    K = config.n_kv_heads
+    if K == config.n_heads:
+        return est
+    L, B, N, X = est.shape
+    return jnp.sum(jnp.reshape(est, (L, B, K, N // K, X)), axis=3)
 
 
 def _leave_one_out(a, g, neutral):
@@ -173,49 +197,56 @@ def _leave_one_out(a, g, neutral):
     return combine(left, right)
 
 
-def _qk_fix(site, axes, run, src, g_pattern, d_head):
+def _qk_fix(config, site, axes, run, src, g_pattern, key_mask):
     """QK-fixed estimate ``[*grid, B]`` for a q or k site: exact softmax, linear after it.
 
     ``axes`` is any order of ``layer`` with optional ``pos`` and ``head``; an axis not requested is
     summed over (heads never interact before the pattern, and the map after it is linearised, so
-    a patch of several heads' queries/keys is the sum of the per-head estimates).
-    ``run``/``src``: dicts with q, k stacked ``[L, B, T, N, H]``; ``g_pattern``: ∂m/∂pattern
-    ``[L, B, N, T, S]``.
+    a patch of several heads' queries/keys is the sum of the per-head estimates; a key head of a
+    grouped-query model feeds every query head of its group, whose estimates are summed).
+    ``run``/``src``: dicts with q ``[L, B, T, N, H]`` and k ``[L, B, S, K, H]`` as the attention
+    reads them (:func:`_qk_inputs`); ``g_pattern``: ∂m/∂pattern ``[L, B, N, T, S]``;
+    ``key_mask``: ``[B, S]`` real keys.
     """
-    p_run, s_run = _pattern_from(run["q"], run["k"], d_head)
+    s_run, visible = _scores_from(config, run["q"], run["k"], key_mask)
+    p_run = _pattern_of(s_run, visible)
+    g_pattern = g_pattern.astype(p_run.dtype)
     by_pos = "pos" in axes
-    T = run["q"].shape[2]
-    causal = jnp.tril(jnp.ones((1, 1, 1, T, T), bool))
     if site == "blocks.attn.hook_q":
-        p_new, _ = _pattern_from(src["q"], run["k"], d_head)  # every query row patched
+        p_new = _pattern_of(_scores_from(config, src["q"], run["k"], key_mask)[0], visible)  # every query row patched
         dp_g = jnp.sum((p_new - p_run) * g_pattern, axis=-1)  # [L, B, N, T]: row t alone is patch (t)
         est = dp_g if by_pos else jnp.sum(dp_g, axis=-1, keepdims=True)
     else:
+        c, _ = _scores_from(config, run["q"], src["k"], key_mask)  # every key patched
         if not by_pos:
-            p_new, _ = _pattern_from(run["q"], src["k"], d_head)
+            p_new = _pattern_of(c, visible)
             est = jnp.sum((p_new - p_run) * g_pattern, axis=(-1, -2))[..., None]
         else:
-            # Patch key s only: column s of every row's scores changes to c[t, s].
+            # Patch key s only: column s of every row's scores changes to c[t, s] (the scores are
+            # entrywise functions of q_t·k_s, soft-cap included, and the mask does not change).
             # Softmax with one logit replaced, in closed form and O(T^2): with a the run's scores
             # and c_ts the patched score of key s, the new pattern puts mass exp(c_ts)/Z' on s and
             # spreads the rest over j≠s in proportion to exp(a_tj). Leave-one-out sums over j≠s
             # come from prefix and suffix scans of (max, Σ exp(a-max)·g, Σ exp(a-max)), so a
             # saturated entry (p_ts ≈ 1, or scores ~1e4) loses no precision and never overflows,
-            # and an unchanged key (c = a) gives no change up to rounding.
-            c = jnp.einsum("LBTNH,LBSNH->LBNTS", run["q"], src["k"]) / math.sqrt(d_head)
-            big_neg = jnp.asarray(jnp.finfo(s_run.dtype).min / 4, s_run.dtype)  # not -inf: no inf-inf
-            a = jnp.where(causal, s_run, big_neg)
-            g = jnp.where(causal, g_pattern, 0.0)
+            # and an unchanged key (c = a) gives no change up to rounding. Invisible entries
+            # (-inf) become a huge finite negative (no inf - inf) and their changes are dropped.
+            a = s_run.astype(p_run.dtype)
+            big_neg = jnp.asarray(jnp.finfo(a.dtype).min / 4, a.dtype)
+            a = jnp.where(visible, a, big_neg)
+            c = jnp.where(visible, c.astype(a.dtype), big_neg)
+            g = jnp.where(visible, g_pattern, 0.0)
             logz = jax.nn.logsumexp(a, axis=-1, keepdims=True)  # [L,B,N,T,1]
-            p_run = jnp.exp(a - logz)
+            p_a = jnp.exp(a - logz)
             m_ex, g_ex, z_ex = _leave_one_out(a, g, big_neg)
             log_rest = m_ex + jnp.log(z_ex)  # log Σ_{j≠s} exp(a_tj)
             g_rest = jnp.where(z_ex > 0, g_ex / jnp.where(z_ex > 0, z_ex, 1.0), 0.0)  # mean of g over j≠s
             logz_new = jnp.logaddexp(log_rest, c)
             new = jnp.exp(log_rest - logz_new) * g_rest + jnp.exp(c - logz_new) * g
-            old = jnp.sum(p_run * g, axis=-1, keepdims=True)
+            old = jnp.sum(p_a * g, axis=-1, keepdims=True)
             delta = new - old
-            est = jnp.sum(jnp.where(causal, delta, 0.0), axis=-2)  # sum over queries t -> [L,B,N,S]
+            est = jnp.sum(jnp.where(visible, delta, 0.0), axis=-2)  # sum over queries t -> [L,B,N,S]
+        est = _per_kv_head(config, est)  # a key head's patch moves its whole group's patterns
     # est: [L, B, N, X] with X = pos (or 1 for all positions); sum what is not asked for, then
     # reorder to the grid.
     est = jnp.transpose(est, (0, 3, 2, 1))  # [L, X, N, B]
@@ -246,12 +277,14 @@ def _atp_core(config, params, run_tokens, src_tokens, ctx, *, sites, names, targ
     m_src = _metrics.compute_ctx(names, rows(src_logits), ctx)[0]
     m_run, run_caps, grads = _run_and_grad(config, params, run_tokens, ctx, sites=sites, names=names, drop=method == "atp*")
     qk = method in ("atp*", "atp+qk")
+    mask = ctx.get("attention_mask")
+    key_mask = jnp.ones(run_tokens.shape, bool) if mask is None else mask.astype(bool)
 
     def estimate(t: Target, g):
         if qk and t.site in _QK:
-            qk_run = {"q": run_caps["blocks.attn.hook_q"], "k": run_caps["blocks.attn.hook_k"]}
-            qk_src = {"q": src_caps["blocks.attn.hook_q"], "k": src_caps["blocks.attn.hook_k"]}
-            return _qk_fix(t.site, t.axes, qk_run, qk_src, g["blocks.attn.hook_pattern"], config.d_head)
+            qk_run = dict(zip("qk", _qk_inputs(config, params, run_caps)))
+            qk_src = dict(zip("qk", _qk_inputs(config, params, src_caps)))
+            return _qk_fix(config, t.site, t.axes, qk_run, qk_src, g["blocks.attn.hook_pattern"], key_mask)
         return _reduce(_first_order(src_caps[t.site], run_caps[t.site], g[t.site]), t.site, t.axes)
 
     ests = []
@@ -350,12 +383,8 @@ def attribution_patch(
     qk = method in ("atp*", "atp+qk")
     sites = {t.site for t in tlist}
     if qk and sites & set(_QK):
-        if not _plain_attention(cfg):
-            raise InputError(
-                f"method={method!r} recomputes attention patterns from q and k, which jaxpatch does for plain causal "
-                f"softmax attention only; this {cfg.architecture} model has {_plain_attention_lacks(cfg)}. "
-                f"Use method='atp' or exact patching (jaxpatch.activation_patch) for q/k.")
-        sites |= {"blocks.attn.hook_q", "blocks.attn.hook_k", "blocks.attn.hook_pattern"}
+        rot = ("blocks.attn.hook_rot_q", "blocks.attn.hook_rot_k") if cfg.positional == "rotary" else ()
+        sites |= {"blocks.attn.hook_q", "blocks.attn.hook_k", "blocks.attn.hook_pattern", *rot}
     sites = tuple(sorted(sites))
 
     t0 = time.perf_counter()

@@ -171,6 +171,34 @@ def embed(config: ModelConfig, params: Params, tokens, hs: SiteHandler, position
     return e
 
 
+def attention_logits(config: ModelConfig, q, k, q_index, k_index, window, key_mask):
+    """The attention's masked pre-softmax scores, exactly as :func:`block` computes them.
+
+    Args:
+        q: queries ``[B, T, N, H]`` as the attention reads them (after the q norm and rotary
+            embedding: ``hook_rot_q`` of rotary models).
+        k: keys ``[B, S, K, H]``, likewise (``hook_rot_k``); ``K = n_kv_heads``.
+        q_index, k_index: sequence indices ``[T]`` / ``[S]`` of the query and key rows.
+        window: this layer's sliding window (a scalar; a huge number if none).
+        key_mask: ``[B, S]``, true at real (non-padding) keys.
+
+    Returns:
+        ``(scores [B, N, T, S], visible [B, 1, T, S])``: ``scores`` are ``q·k`` (query head n reads
+        key head ``n // (n_heads // n_kv_heads)``) times the attention scale, soft-capped, and
+        ``-inf`` where the key is not visible (later, outside the window, or padding).
+    """
+    c = config
+    group = c.n_heads // c.n_kv_heads
+    k_att = jnp.repeat(k, group, axis=2) if group > 1 else k  # grouped-query attention
+    scale = c.attn_scale if c.attn_scale is not None else 1.0 / math.sqrt(c.d_head)
+    scores = jnp.einsum("BTNH,BSNH->BNTS", q, k_att) * jnp.asarray(scale, q.dtype)
+    scores = _softcap(scores, c.attn_softcap)
+    qi, ki = q_index[:, None], k_index[None, :]
+    visible = (ki <= qi) & (qi - ki < window)  # [T, S]
+    visible = visible[None, None] & key_mask[:, None, None, :].astype(bool)  # [B, 1, T, S]
+    return jnp.where(visible, scores, jnp.asarray(-jnp.inf, scores.dtype)), visible
+
+
 def block(config: ModelConfig, p: Params, x, hs: SiteHandler, ctx, prefix_kv=None):
     """One transformer block on residual stream ``x`` ``[B, T, D]`` (``p``: that layer's params).
 
@@ -216,17 +244,9 @@ def block(config: ModelConfig, p: Params, x, hs: SiteHandler, ctx, prefix_kv=Non
         k = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=1)
         v = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=1)
     group = c.n_heads // c.n_kv_heads
-    if group > 1:  # grouped-query attention: query head n reads key/value head n // group
-        k_att, v_att = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-    else:
-        k_att, v_att = k, v
-    scale = c.attn_scale if c.attn_scale is not None else 1.0 / math.sqrt(c.d_head)
-    scores = jnp.einsum("BTNH,BSNH->BNTS", q, k_att) * jnp.asarray(scale, q.dtype)
-    scores = _softcap(scores, c.attn_softcap)
-    qi, ki = ctx["q_index"][:, None], ctx["k_index"][None, :]
-    visible = (ki <= qi) & (qi - ki < ctx["window"])  # [T, S]
-    visible = visible[None, None] & ctx["key_mask"][:, None, None, :].astype(bool)  # [B, 1, T, S]
-    scores = hs("blocks.attn.hook_attn_scores", jnp.where(visible, scores, jnp.asarray(-jnp.inf, scores.dtype)))
+    v_att = jnp.repeat(v, group, axis=2) if group > 1 else v  # query head n reads value head n // group
+    scores, visible = attention_logits(c, q, k, ctx["q_index"], ctx["k_index"], ctx["window"], ctx["key_mask"])
+    scores = hs("blocks.attn.hook_attn_scores", scores)
     # Softmax in at least float32; masked entries are -inf (TransformerLens's convention). A row
     # with no visible key (a padding query) gets zeros, never NaN.
     s32 = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
