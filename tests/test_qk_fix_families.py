@@ -47,7 +47,12 @@ def qwen3_cfg(**kw):
     return llama_cfg(**{"architecture": "qwen3", "qk_norm": True, "qkv_bias": True, **kw})
 
 
-CFGS = {"llama": llama_cfg, "gemma2": gemma2_cfg, "qwen3": qwen3_cfg}
+def learned_qknorm_cfg(**kw):
+    """Learned positions with q/k norms: no site holds the normed keys, the QK fix applies the norm."""
+    return llama_cfg(**{"positional": "learned", "norm": "layernorm", "qk_norm": True, **kw})
+
+
+CFGS = {"llama": llama_cfg, "gemma2": gemma2_cfg, "qwen3": qwen3_cfg, "learned_qknorm": learned_qknorm_cfg}
 
 
 def model_of(cfg, seed=0, scale=4.0):
@@ -128,7 +133,7 @@ def slow_twin(m, clean, corrupt, ans, wrong, mask, site, by):
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3", "llama_padded", "gemma2_padded"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3", "learned_qknorm", "llama_padded", "gemma2_padded"])
 @pytest.mark.parametrize("site", ["q", "k"])
 def test_qk_fix_is_the_exact_pattern_change_times_the_pattern_gradient(x64, family, site):
     padded = family.endswith("_padded")
