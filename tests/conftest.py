@@ -4,8 +4,12 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Hermetic compilation cache: the test session compiles into its own directory, never reading
-# entries that other processes (other sessions, other flags, killed runs) left behind.
+# No persistent compilation cache inside the test process: twice, a full run here (8 simulated
+# devices, hundreds of programs) died with a segmentation fault inside JAX 0.10.2's executable
+# (de)serialisation for its cache. The cache itself is tested in subprocesses
+# (tests/test_compile_cache.py), each with its own directory; subprocesses started by other
+# tests (the CLI, the examples) inherit "no cache", and a temporary directory if they enable it.
+os.environ.setdefault("JAXPATCH_NO_COMPILE_CACHE", "1")
 if "JAXPATCH_CACHE_DIR" not in os.environ:
     import tempfile
 
