@@ -53,7 +53,6 @@ from ._errors import InputError
 from .interventions import NONE, Edit, Interventions
 from .model import HookedModel, check_attention_mask, check_tokens
 from . import models
-from .models import transformer as _transformer
 from .patching import DEFAULT_AXES, _labels, _site, answer_arrays
 from .results import PatchResult
 from .sites import SITES
@@ -145,7 +144,7 @@ def _qk_inputs(config, params, caps):
     q, k = caps["blocks.attn.hook_q"], caps["blocks.attn.hook_k"]
     if config.qk_norm:  # normed but not rotated: no site holds them, apply the model's norm
         b = params["blocks"]
-        norm = jax.vmap(lambda x, w: _transformer._head_rms(x, w, config.eps))
+        norm = jax.vmap(lambda x, w: models.head_rms(x, w, config.eps))
         q, k = norm(q, b["q_norm_w"]), norm(k, b["k_norm_w"])
     return q, k
 
@@ -157,8 +156,8 @@ def _scores_from(config, q, k, key_mask):
     heads, causal mask, sliding window, padding)."""
     T = q.shape[2]
     idx = jnp.arange(T, dtype=jnp.int32)
-    return jax.vmap(lambda qq, kk, w: _transformer.attention_logits(config, qq, kk, idx, idx, w, key_mask))(
-        q, k, _transformer._windows(config))
+    return jax.vmap(lambda qq, kk, w: models.attention_logits(config, qq, kk, idx, idx, w, key_mask))(
+        q, k, models.layer_windows(config))
 
 
 def _pattern_of(scores, visible):

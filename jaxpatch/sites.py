@@ -122,7 +122,9 @@ SITES: dict[str, Site] = {
 }
 
 #: Sites computed only when someone edits or captures them (never part of a full cache).
-ON_DEMAND = frozenset({"blocks.hook_q_input", "blocks.hook_k_input", "blocks.hook_v_input", "blocks.attn.hook_result"})
+#: (``hook_mlp_in`` is computed always but, as in TransformerLens by default, kept out of full caches.)
+ON_DEMAND = frozenset({"blocks.hook_q_input", "blocks.hook_k_input", "blocks.hook_v_input", "blocks.attn.hook_result",
+                       "blocks.hook_mlp_in"})
 
 BLOCK_SITES = tuple(n for n, s in SITES.items() if s.per_layer)
 GLOBAL_SITES = tuple(n for n, s in SITES.items() if not s.per_layer)

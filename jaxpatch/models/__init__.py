@@ -4,6 +4,8 @@ format. Code outside this package uses only the names below, never a family.
 * ``forward(config, params, tokens, interventions, capture, attention_mask)`` -> logits, captures
 * ``run_context`` / ``run_blocks_from`` / ``logits_at`` / ``kv_sites``: the pieces a sweep uses to
   rerun a suffix of layers and positions from a cached run
+* ``attention_logits`` / ``layer_windows`` / ``head_rms``: the attention's masked scores from the
+  queries and keys it reads, each layer's sliding window, and the q/k norm (AtP*'s QK fix)
 * ``init_params(config, key, dtype)``: random parameters of any family
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from .transformer import (  # noqa: F401
+    attention_logits as attention_logits,
     default_positions as default_positions,
     forward as forward,
     kv_sites as kv_sites,
@@ -19,6 +22,20 @@ from .transformer import (  # noqa: F401
     run_blocks_from as run_blocks_from,
     run_context as run_context,
 )
+
+
+def layer_windows(config):
+    """Each layer's sliding window as data ``[n_layers]`` (a huge number where there is none)."""
+    from .transformer import _windows
+
+    return _windows(config)
+
+
+def head_rms(x, w, eps):
+    """The per-head RMS norm of q/k norm models (Qwen3, Gemma 3)."""
+    from .transformer import _head_rms
+
+    return _head_rms(x, w, eps)
 
 
 def init_params(config, key, dtype=jnp.float32):
