@@ -12,6 +12,7 @@ import numpy as np
 
 from .._errors import CheckpointError, UnsupportedArchitectureError
 from ..config import ModelConfig, canonical_act_fn
+from .hf_common import check_names
 
 MODEL_TYPES = ("gpt2",)
 ARCHITECTURE = "GPT2LMHeadModel"
@@ -112,16 +113,7 @@ def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray], tied:
     if "lm_head.weight" in t and tied:
         # A tied checkpoint that still stores lm_head: accept it if it equals wte.
         tied = False
-    expected = expected_tensor_names(config, tied)
-    missing = [n for n in expected if n not in t]
-    unexpected = sorted(set(t) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors: {missing[:20]}{' ...' if len(missing) > 20 else ''}")
-        if unexpected:
-            parts.append(f"unexpected tensors: {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
-        raise CheckpointError("Checkpoint does not match its GPT-2 config.json: " + "; ".join(parts) + ".")
+    check_names(set(t), expected_tensor_names(config, tied), "GPT-2")
 
     c = config
     L, N, D, H, F, V = c.n_layers, c.n_heads, c.d_model, c.d_head, c.d_mlp, c.d_vocab
