@@ -2,7 +2,6 @@
 sliding windows through every fast path, each against its slow twin."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -229,7 +229,7 @@ def reference_patch(
     corrupt_lg = None
     if baseline == "resample":
         assert corrupt_sets is not None
-        corrupt_lg, corrupt_acts = [], []
+        corrupt_lg = []
         for ct in corrupt_sets:
             lg, act = fwd(ct)
             corrupt_lg.append(_rows_at(lg, apos))
