@@ -35,15 +35,15 @@ from .model import HookedModel, check_attention_mask, check_tokens
 from .patching import answer_arrays
 
 #: Sites the edge methods read (upstream outputs) in the one forward pass.
-_UP_SITES = frozenset({"blocks.hook_resid_pre", "blocks.attn.hook_result", "blocks.hook_mlp_out", "hook_embed"})
+_UP_SITES = frozenset({"blocks.hook_resid_pre", "blocks.hook_mlp_out", "hook_embed"})
 
 
 def _check_additive(config: ModelConfig) -> None:
-    if config.post_norms:
+    if config.post_norms and config.o_bias:  # models.head_writes needs a constant bias part
         raise InputError(
             f"Edge methods decompose each attention output into per-head writes to the residual stream; this "
-            f"{config.architecture} model normalises the attention and MLP outputs after summing the heads "
-            f"(post-norms), so its heads' writes are not additive. Use node-level methods "
+            f"{config.architecture} model has an attention output bias before a post-norm, so the bias's write "
+            f"differs between runs and belongs to no node. Use node-level methods "
             f"(jaxpatch.activation_patch / attribution_patch) instead.")
 
 
@@ -61,8 +61,9 @@ def edge_forward(config: ModelConfig, params, tokens, deltas, embed=None, attent
 
     Returns:
         logits ``[B, T, V]`` and the upstream outputs: ``embed`` ``[B, T, D]`` (the residual
-        stream entering block 0), ``heads`` ``[L, B, T, N, D]`` (per-head writes, without
-        ``b_O``), ``mlp`` ``[L, B, T, D]``, and the token embeddings ``tok`` ``[B, T, D]``.
+        stream entering block 0), ``heads`` ``[L, B, T, N, D]`` (per-head writes,
+        :func:`jaxpatch.models.head_writes`: without ``b_O``; through the post-norm where the family
+        has one), ``mlp`` ``[L, B, T, D]``, and the token embeddings ``tok`` ``[B, T, D]``.
     """
     edits = {
         "blocks.hook_q_input": (Edit(delta=deltas["q"], stacked=True),),
@@ -73,8 +74,9 @@ def edge_forward(config: ModelConfig, params, tokens, deltas, embed=None, attent
     }
     if embed is not None:
         edits["hook_embed"] = (Edit(value=embed),)
-    logits, caps = models.forward(config, params, tokens, Interventions(edits), _UP_SITES, attention_mask)
-    return logits, {"embed": caps["blocks.hook_resid_pre"][0], "heads": caps["blocks.attn.hook_result"],
+    capture = _UP_SITES | frozenset(models.head_write_sites(config))
+    logits, caps = models.forward(config, params, tokens, Interventions(edits), capture, attention_mask)
+    return logits, {"embed": caps["blocks.hook_resid_pre"][0], "heads": models.head_writes(config, params, caps),
                     "mlp": caps["blocks.hook_mlp_out"], "tok": caps["hook_embed"]}
 
 

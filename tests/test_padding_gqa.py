@@ -169,16 +169,6 @@ def test_gqa_edges_graph_and_exact_edge():
     assert r.per_prompt.shape == (len(g.up), len(g.down), 2) and np.isfinite(r.per_prompt).all()
 
 
-def test_post_norm_models_refuse_edges():
-    cfg = ModelConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=30, n_ctx=8, architecture="gemma2",
-                      positional="rotary", norm="rmsnorm", gated_mlp=True, act_fn="gelu_new", qkv_bias=False, o_bias=False,
-                      mlp_bias=False, unembed_bias=False, post_norms=True, scale_embed=True)
-    m = jaxpatch.HookedModel.from_config(cfg)
-    t = np.ones((1, 4), np.int32)
-    with pytest.raises(jaxpatch.InputError, match="post-norms"):
-        edges.edge_attribution_patch(m, t, t, answer=1, wrong=2)
-
-
 @pytest.mark.parametrize("mask,match", [
     (np.ones((3, 6), np.int32), "shape"),
     (np.ones((3, 7)), "0/1 integers"),

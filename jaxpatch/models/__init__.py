@@ -6,6 +6,8 @@ format. Code outside this package uses only the names below, never a family.
   rerun a suffix of layers and positions from a cached run
 * ``attention_logits`` / ``layer_windows`` / ``head_rms``: the attention's masked scores from the
   queries and keys it reads, each layer's sliding window, and the q/k norm (AtP*'s QK fix)
+* ``head_write_sites`` / ``head_writes``: each attention head's exactly additive write to the
+  residual stream (the edge methods' upstream nodes), whatever the family's norms
 * ``init_params(config, key, dtype)``: random parameters of any family
 """
 
@@ -17,6 +19,8 @@ from .transformer import (  # noqa: F401
     attention_logits as attention_logits,
     default_positions as default_positions,
     forward as forward,
+    head_write_sites as head_write_sites,
+    head_writes as head_writes,
     kv_sites as kv_sites,
     logits_at as logits_at,
     run_blocks_from as run_blocks_from,

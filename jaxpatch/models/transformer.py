@@ -290,6 +290,39 @@ def block(config: ModelConfig, p: Params, x, hs: SiteHandler, ctx, prefix_kv=Non
     return hs("blocks.hook_resid_post", mid + mlp_out)
 
 
+def head_write_sites(config: ModelConfig) -> tuple[str, ...]:
+    """The sites :func:`head_writes` reads from a forward pass."""
+    if config.post_norms:
+        return ("blocks.attn.hook_result", "blocks.ln1_post.hook_scale")
+    return ("blocks.attn.hook_result",)
+
+
+def head_writes(config: ModelConfig, params: Params, caps):
+    """Each attention head's write to the residual stream ``[L, B, T, N, D]``.
+
+    They sum over heads to ``hook_attn_out`` less a part that is the same in every run (the
+    output bias; a post-norm's bias). Without post-norms a head's write is its
+    ``attn.hook_result``. With post-norms (Gemma 2/3) the norm acts on the sum of the heads, and
+    is linear in it once its scale is fixed, so each head's write is its result passed through the
+    norm at the scale the run computed (LayerNorm also centres each head's result): exactly
+    additive, never linearised.
+    """
+    result = caps["blocks.attn.hook_result"]
+    if not config.post_norms:
+        return result
+    if config.o_bias:
+        raise JaxpatchError(
+            "Per-head writes are not defined for a model with both an attention output bias and post-norms: the "
+            "bias passes through the post-norm at each run's own scale, so it is not a constant. No supported "
+            "family has both.")
+    rf = result.astype(jnp.promote_types(result.dtype, jnp.float32))
+    if config.norm == "layernorm":
+        rf = rf - jnp.mean(rf, axis=-1, keepdims=True)
+    scale = caps["blocks.ln1_post.hook_scale"][:, :, :, None, :]  # [L, B, T, 1, 1]
+    w = params["blocks"]["ln1_post_w"][:, None, None, None, :]
+    return ((rf / scale.astype(rf.dtype)) * w.astype(rf.dtype)).astype(result.dtype)
+
+
 def unembed(config: ModelConfig, params: Params, x, hs: SiteHandler):
     """Final norm and unembedding: ``[B, T, D] -> [B, T, V]`` logits."""
     h = _norm(config, x, params["ln_f_w"], params.get("ln_f_b"), hs, "ln_final")
