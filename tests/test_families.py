@@ -275,3 +275,22 @@ def test_save_pretrained_round_trip(case, tmp_path):
     again = jaxpatch.load_pretrained(out)
     assert again.config == model.config
     np.testing.assert_allclose(run(again, toks), run(model, toks), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_matches_transformers_on_each_prompt_alone(case, side):
+    """Prompts of lengths 12, 7, 9 in one padded batch get transformers' logits for each prompt run
+    alone (the dynamic-NTK case: its scaling follows each prompt's own length, 7 < 8 < 9 < 12)."""
+    name, hf, path = case
+    model = jaxpatch.load_pretrained(path)
+    lens = (PROMPT, 7, 9)
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(0, VOCAB, n).astype(np.int32) for n in lens]
+    toks, mask = np.zeros((3, PROMPT), np.int32), np.zeros((3, PROMPT), np.int32)
+    rows = [slice(PROMPT - n, PROMPT) if side == "left" else slice(0, n) for n in lens]
+    for i, (p, sl) in enumerate(zip(prompts, rows)):
+        toks[i, sl], mask[i, sl] = p, 1
+    got = np.asarray(jax.jit(transformer.forward, static_argnums=0)(model.config, model.params, jnp.asarray(toks),
+                                                                     attention_mask=jnp.asarray(mask))[0])
+    for i, (p, sl) in enumerate(zip(prompts, rows)):
+        assert rel_err(got[i, sl], hf_logits(hf, p[None])[0]) < 1e-4, (name, i)

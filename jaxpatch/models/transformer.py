@@ -72,7 +72,8 @@ def default_positions(tokens, attention_mask=None):
 
 
 def _inv_freq(config: ModelConfig, base: float, scaling: dict, max_pos):
-    """Rotary inverse frequencies ``[rotary_dim / 2]``, float32, in ``transformers``' float32
+    """Rotary inverse frequencies ``[..., rotary_dim / 2]`` (``...``: the shape of ``max_pos``, the
+    largest position id, for dynamic scaling), float32, in ``transformers``' float32
     arithmetic operation by operation (``1.0 / (base ** (arange(0, dim, 2).float() / dim))``, every
     step rounded to float32; torch evaluates ``s / t`` as ``t.reciprocal() * s``), so the tables
     match transformers' to the rounding of cos/sin."""
@@ -93,8 +94,8 @@ def _inv_freq(config: ModelConfig, base: float, scaling: dict, max_pos):
         seq_len = jnp.maximum(max_pos + 1, orig)
         grown = (f32(factor) * seq_len.astype(jnp.float32) / f32(orig) - f32(factor - 1)) ** f32(rd / (rd - 2))
         b = f32(base) * grown
-        dynamic = f32(1.0) / (b ** jnp.asarray(exps))
-        return jnp.where(seq_len > orig, dynamic, static)
+        dynamic = f32(1.0) / (b[..., None] ** lift(jnp.asarray(exps), b.ndim + 1))
+        return jnp.where(seq_len[..., None] > orig, dynamic, lift(static, b.ndim + 1))
     inv = f32(1.0) / _pow_f32(base)
     if rtype == "linear":
         inv = inv / f32(scaling["factor"])
@@ -114,15 +115,20 @@ def _inv_freq(config: ModelConfig, base: float, scaling: dict, max_pos):
 
 def rotary_tables(config: ModelConfig, positions):
     """``(cos, sin)`` ``[n_bases, B, T, rotary_dim / 2]``: index 0 the global base (with the
-    config's scaling), index 1 the local base of sliding layers (Gemma 3; else equal to 0)."""
+    config's scaling), index 1 the local base of sliding layers (Gemma 3; else equal to 0).
+
+    Dynamic NTK scaling depends on the sequence length; it is taken per prompt (its largest
+    position id), so a prompt in a padded batch gets the tables it gets alone."""
     scaling = dict(config.rope_scaling)
-    max_pos = jnp.max(positions)
+    max_pos = jnp.max(positions, axis=1)  # [B]
+    B = positions.shape[0]
     tables = [_inv_freq(config, config.rope_base, scaling, max_pos)]
     if config.rope_local_base is not None:
         tables.append(_inv_freq(config, config.rope_local_base, {}, max_pos))
     else:
         tables.append(tables[0])
-    ang = jnp.stack([positions.astype(jnp.float32)[..., None] * inv[None, None, :] for inv in tables])
+    tables = [jnp.broadcast_to(inv, (B, inv.shape[-1])) for inv in tables]
+    ang = jnp.stack([positions.astype(jnp.float32)[..., None] * inv[:, None, :] for inv in tables])
     return jnp.cos(ang), jnp.sin(ang)
 
 
