@@ -25,7 +25,7 @@ from .interventions import (
 )
 from .loading import load_pretrained as load_pretrained, save_pretrained as save_pretrained
 from .model import HookedModel as HookedModel
-from .sites import SITES as SITES, parse as parse_site
+from .sites import SITES as SITES, parse as parse_site  # noqa: F401  (public: parse a full site name)
 
 __version__ = "0.1.0"
 from . import metrics as metrics, sweep as sweep  # noqa: E402

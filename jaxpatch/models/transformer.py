@@ -153,6 +153,16 @@ def _norm(config: ModelConfig, x, w, b, hs: SiteHandler, prefix: str):
     return layer_norm(x, w, b, config.eps, hs, prefix)
 
 
+def _output(config: ModelConfig, p: Params, out, bias: str | None, norm: str, hs: SiteHandler, site: str):
+    """A sublayer's write to the residual stream: its bias, then (post-norm families) its post-norm
+    ``{norm}_post``, then the site ``site``."""
+    if bias is not None:
+        out = out + lift(p[bias], 3)
+    if config.post_norms:
+        out = _norm(config, out, p[f"{norm}_post_w"], p.get(f"{norm}_post_b"), hs, f"blocks.{norm}_post")
+    return hs(site, out)
+
+
 def _head_rms(x, w, eps):
     """RMSNorm over each head's ``d_head`` (Qwen3 / Gemma 3 q/k norm)."""
     xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
@@ -265,11 +275,7 @@ def block(config: ModelConfig, p: Params, x, hs: SiteHandler, ctx, prefix_kv=Non
         attn_out = jnp.sum(result, axis=2)
     else:
         attn_out = jnp.einsum("BTNH,NHD->BTD", z, p["W_O"])
-    if c.o_bias:
-        attn_out = attn_out + lift(p["b_O"], 3)
-    if c.post_norms:
-        attn_out = _norm(c, attn_out, p["ln1_post_w"], p.get("ln1_post_b"), hs, "blocks.ln1_post")
-    attn_out = hs("blocks.hook_attn_out", attn_out)
+    attn_out = _output(c, p, attn_out, "b_O" if c.o_bias else None, "ln1", hs, "blocks.hook_attn_out")
     mid = hs("blocks.hook_resid_mid", x + attn_out)
     mlp_in = hs("blocks.hook_mlp_in", x if c.parallel_attn_mlp else mid)
     h = _norm(c, mlp_in, p["ln2_w"], p.get("ln2_b"), hs, "blocks.ln2")
@@ -288,11 +294,7 @@ def block(config: ModelConfig, p: Params, x, hs: SiteHandler, ctx, prefix_kv=Non
         pre = hs("blocks.mlp.hook_pre", pre)
         post = hs("blocks.mlp.hook_post", activation(c.act_fn, pre))
     mlp_out = jnp.einsum("BTF,FD->BTD", post, p["W_out"])
-    if c.mlp_bias:
-        mlp_out = mlp_out + lift(p["b_out"], 3)
-    if c.post_norms:
-        mlp_out = _norm(c, mlp_out, p["ln2_post_w"], p.get("ln2_post_b"), hs, "blocks.ln2_post")
-    mlp_out = hs("blocks.hook_mlp_out", mlp_out)
+    mlp_out = _output(c, p, mlp_out, "b_out" if c.mlp_bias else None, "ln2", hs, "blocks.hook_mlp_out")
     return hs("blocks.hook_resid_post", mid + mlp_out)
 
 
