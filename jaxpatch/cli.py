@@ -258,13 +258,20 @@ def cmd_sweep(args) -> int:
     clean, corrupt, answer, wrong = _read_prompts(args, tok)
     if wrong is None and _metrics.needs_wrong(metrics):
         raise CLIError("metric 'logit_diff' needs a contrast token: give 'wrong' on every prompt line (or --wrong)")
+    ckpt = _checkpoint_dir(args)
     t0 = time.perf_counter()
     res = activation_patch(
         model, clean, corrupt, site=args.site, by=by, direction=args.direction, baseline=args.baseline,
         metrics=metrics, answer=answer, wrong=wrong, answer_pos=args.answer_pos, token_labels=tok.labels,
+        checkpoint_dir=ckpt,
     )
     elapsed = time.perf_counter() - t0
     print(f"{res!r}: {len(clean)} prompt(s) of {clean.shape[1]} tokens, {res.info.get('n_patches')} patches in {elapsed:.2f}s")
+    if ckpt is not None:
+        from .resume import last_run
+
+        print(f"checkpoint {ckpt}: {last_run.get('loaded', 0)} of {last_run.get('groups', 0)} chunk groups loaded, "
+              f"{last_run.get('computed', 0)} computed")
     for m in res.metrics:
         b = res.baselines(m)
         print(f"  {m:<12s} clean {b['clean']:+.4f}" + (f"  corrupt {b['corrupt']:+.4f}" if "corrupt" in b else ""))
@@ -282,6 +289,21 @@ def cmd_sweep(args) -> int:
             files.append(save_figure(plot_result(res), Path(str(written["npz"])[: -len(".npz")] + ".png"), close=True))
         print("wrote " + ", ".join(str(f) for f in files))
     return 0
+
+
+def _checkpoint_dir(args) -> Path | None:
+    """``--checkpoint-dir`` (default with ``--resume``: ``PREFIX.checkpoint`` beside ``--out``).
+    An existing checkpoint is continued only with ``--resume``."""
+    from .resume import MANIFEST
+
+    ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+    if args.resume and ckpt is None:
+        if not args.out:
+            raise CLIError("--resume needs --checkpoint-dir DIR or --out PREFIX (then the checkpoint is PREFIX.checkpoint)")
+        ckpt = Path(args.out + ".checkpoint")
+    if ckpt is not None and not args.resume and (ckpt / MANIFEST).exists():
+        raise CLIError(f"{str(ckpt)!r} already holds a sweep checkpoint: pass --resume to continue it, or remove it to start over")
+    return ckpt
 
 
 def cmd_demo(args) -> int:
@@ -452,6 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top", type=int, default=10, help="components to print (default 10)")
     s.add_argument("--out", metavar="PREFIX", help="write PREFIX.npz and PREFIX.parquet (or .csv)")
     s.add_argument("--plot", action="store_true", help="also write PREFIX.png")
+    s.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="write each completed group of chunks to DIR, so an interrupted sweep can be resumed")
+    s.add_argument("--resume", action="store_true",
+                   help="continue the checkpoint in --checkpoint-dir (default PREFIX.checkpoint of --out), computing "
+                        "only the missing chunks; a checkpoint of a different sweep is refused")
     s.set_defaults(func=cmd_sweep)
 
     i = sub.add_parser("info", help="print a model's config and hook sites with shapes",

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import metrics as _metrics
+from . import byo as _byo
 from . import sweep as _sweep
 from ._errors import InputError, NonFiniteError
 from .interventions import NONE, Interventions, add
@@ -163,6 +164,7 @@ def activation_patch(
     position_buckets: int | str = "auto",
     progress: bool | None = None,
     attention_mask=None,
+    checkpoint_dir=None,
 ) -> PatchResult:
     """Patch every component of a sweep and measure several metrics, in one compiled program.
 
@@ -205,6 +207,11 @@ def activation_patch(
             padding; see ``model.to_tokens_padded``), shared by the clean and corrupted prompts,
             which must be padded alike. Each prompt's effects are those it would have alone; the
             default ``answer_pos=-1`` is each prompt's last real token; padding is never read.
+        checkpoint_dir: a directory where each completed group of chunks is written; rerun with
+            the same arguments after an interruption, only the missing chunks are computed and the
+            result is bitwise identical to an uninterrupted run. A directory written by a
+            different sweep (model, prompts, spec, metrics, options) is refused
+            (:class:`jaxpatch.resume.SweepCheckpointError`); see :mod:`jaxpatch.resume`.
 
     Returns:
         a :class:`PatchResult`.
@@ -214,6 +221,8 @@ def activation_patch(
         NonFiniteError: a NaN/inf in a baseline run, or in a patched run's logits or metric
             values (the message names the patches).
     """
+    if not isinstance(model, HookedModel):  # a Flax / Equinox / plain-JAX model: jaxpatch.byo's engine
+        return _byo.activation_patch(**locals())
     if direction not in DIRECTIONS:
         raise InputError(f"direction must be one of {DIRECTIONS}, got {direction!r}.")
     if baseline not in BASELINES:
@@ -315,9 +324,18 @@ def activation_patch(
     run_cache = _sweep.run_cache(cfg, run_caps, run_tokens, rep_mask)
     setup_s = time.perf_counter() - t0
 
+    checkpoint = None
+    if checkpoint_dir is not None:
+        from . import resume as _resume
+
+        checkpoint = _resume.for_activation_patch(
+            checkpoint_dir, model, spec, names=names, static_names=static_names, metric_consts=metric_consts,
+            prompts=(clean, corrupt_tokens, mask, reference_tokens), answers=(ans, wr, apos),
+            options=(direction, baseline, noise_positions, noise_scale, n_noise, seed))
     t0 = time.perf_counter()
     out, pl = _sweep.run(cfg, model.params, spec, run_cache, source, src_stacked, static_names, ctx, T, run_ivs=run_ivs,
-                     chunk_size=chunk_size, mesh=mesh, position_buckets=position_buckets, progress=progress)
+                     chunk_size=chunk_size, mesh=mesh, position_buckets=position_buckets, progress=progress,
+                     checkpoint=checkpoint)
     out = np.asarray(out)  # [P, M, rep*B]: the one host transfer
     sweep_s = time.perf_counter() - t0
 

@@ -401,7 +401,10 @@ def _core(config, params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_b
     if mesh is None:
         return run_chunks(params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_bucket)
     rep, shd = P(), P("sweep")
-    f = jax.shard_map(run_chunks, mesh=mesh, in_specs=(rep, rep, rep, rep, rep, shd, shd, shd), out_specs=shd, check_vma=False)
+    # Manual over "sweep" only: on a 2-D mesh the "model" axis stays automatic, so parameters
+    # sharded over it (jaxpatch.partitioning) stay sharded inside each sweep shard.
+    f = jax.shard_map(run_chunks, mesh=mesh, in_specs=(rep, rep, rep, rep, rep, shd, shd, shd), out_specs=shd,
+                      axis_names=frozenset({"sweep"}), check_vma=False)
     return f(params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_bucket)
 
 
@@ -441,6 +444,7 @@ def run(
     mesh: Mesh | None | str = "auto",
     position_buckets: int | str = "auto",
     progress: bool | None = None,
+    checkpoint=None,
 ) -> jax.Array:
     """Run every patch of ``sweep``: ``(metric values [P, M, B] in the sweep's order, Plan)``.
 
@@ -452,8 +456,9 @@ def run(
         metric: a tuple of metric names (see :mod:`jaxpatch.metrics`) or a :class:`CustomMetric`.
         ctx: ``answer_pos``/``answer``/``wrong``/``clean_logprobs`` arrays for the metrics.
         chunk_size: patches per vmapped chunk (default: ~2048 token rows per matmul).
-        mesh: ``"auto"`` (all local devices), ``None`` (one device) or a 1-D ``Mesh`` with axis
-            ``"sweep"``.
+        mesh: ``"auto"`` (all local devices), ``None`` (one device), a 1-D ``Mesh`` with axis
+            ``"sweep"``, or a 2-D ``("sweep", "model")`` mesh whose ``"model"`` axis holds
+            parameters sharded by :mod:`jaxpatch.partitioning` (patches split over ``"sweep"``).
         position_buckets: how many static position offsets a chunk may start from (1 disables
             position-prefix reuse; each bucket is one more compiled branch). ``"auto"`` weighs the
             extra compile time against the FLOPs saved (see :func:`auto_buckets`).
@@ -462,11 +467,17 @@ def run(
             run as a few equal dispatches (at most :data:`MAX_PROGRESS_GROUPS`, never one per
             patch; see :func:`_run_with_bar`), so toggling it compiles a second program; both
             are cacheable.
+        checkpoint: a :class:`jaxpatch.resume.Checkpoint`: completed dispatch groups are written
+            to its directory and groups already there are loaded, not recomputed (bitwise equal).
     """
     check(sweep, config, n_pos)
     if mesh == "auto":
         mesh = default_mesh()
-    n_dev = 1 if mesh is None else mesh.size
+    if mesh is not None:
+        from .partitioning import check_mesh
+
+        check_mesh(mesh)
+    n_dev = 1 if mesh is None else int(dict(mesh.shape)["sweep"])  # the patch axis is split over "sweep"
     B = int(run_cache["resid"].shape[1])  # prompts per patched run (sizes the chunks)
     if "ctx" not in run_cache:  # unpadded prompts: default positions
         run_cache = {**run_cache, "ctx": models.run_context(config, jnp.zeros((B, n_pos), jnp.int32))}
@@ -489,7 +500,20 @@ def run(
 
     core = partial(_core, config, params, run_ivs, dict(run_cache), source, dict(ctx), site=sweep.site, paired=sweep.joint,
                    source_stacked=source_stacked, offsets=pl.offsets, metric=metric, n_pos=n_pos, mesh=mesh)
-    if _progress.enabled(progress):  # a bar: a few equal dispatches, no host callback (see _run_with_bar)
+    if checkpoint is not None:  # groups on disk are loaded; the others computed and saved (see resume.py)
+        from . import resume as _resume
+
+        n_real = math.ceil(sweep.size / pl.chunk)
+        checkpoint.describe.update(chunk_size=pl.chunk, position_buckets=position_buckets)
+        checkpoint.open({"plan": _resume.fingerprint(pl.order[: sweep.size], pl.chunk, pl.chunk_start[:n_real],
+                                                     pl.chunk_bucket[:n_real], pl.offsets),
+                         "inputs": _resume.fingerprint(dict(run_cache), source, source_stacked, dict(ctx), run_ivs, metric, n_pos),
+                         "software": _resume.software()})
+        out = _resume.run_groups(core, idx, pl.chunk_start, pl.chunk_bucket, n_real=n_real, n_layers=config.n_layers,
+                                 n_dev=n_dev, checkpoint=checkpoint, show_bar=_progress.enabled(progress),
+                                 desc=f"sweep {sweep.site}")
+        out = tuple(jnp.asarray(o) for o in out)
+    elif _progress.enabled(progress):  # a bar: a few equal dispatches, no host callback (see _run_with_bar)
         out = _run_with_bar(core, idx, pl.chunk_start, pl.chunk_bucket, config.n_layers, n_dev, f"sweep {sweep.site}")
     else:
         out = core(idx, jnp.asarray(pl.chunk_start), jnp.asarray(pl.chunk_bucket))
