@@ -33,3 +33,5 @@ from .patching import activation_patch as activation_patch  # noqa: E402
 from .results import PatchResult as PatchResult  # noqa: E402
 from .attribution import attribution_patch as attribution_patch  # noqa: E402
 from . import compare as compare, edges as edges  # noqa: E402
+from . import byo as byo  # noqa: E402  (bring your own Flax / Equinox / plain-JAX model)
+from .byo import Patchable as Patchable, patchable as patchable, scan as scan, site as site  # noqa: E402

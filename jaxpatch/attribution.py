@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import metrics as _metrics
+from . import byo as _byo
 from ._errors import InputError
 from .interventions import NONE, Edit, Interventions
 from .model import HookedModel, check_attention_mask, check_tokens
@@ -357,6 +358,8 @@ def attribution_patch(
     Raises:
         InputError: a ``by`` with an unknown, repeated or site-foreign axis, or without ``layer``.
     """
+    if not isinstance(model, HookedModel):  # a Flax / Equinox / plain-JAX model: jaxpatch.byo's engine
+        return _byo.attribution_patch(**locals())
     if direction not in ("denoise", "noise"):
         raise InputError(f"direction must be 'denoise' or 'noise', got {direction!r}.")
     if method not in ("atp", "atp*", "atp+qk"):

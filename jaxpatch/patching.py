@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import metrics as _metrics
+from . import byo as _byo
 from . import sweep as _sweep
 from ._errors import InputError, NonFiniteError
 from .interventions import NONE, Interventions, add
@@ -220,6 +221,8 @@ def activation_patch(
         NonFiniteError: a NaN/inf in a baseline run, or in a patched run's logits or metric
             values (the message names the patches).
     """
+    if not isinstance(model, HookedModel):  # a Flax / Equinox / plain-JAX model: jaxpatch.byo's engine
+        return _byo.activation_patch(**locals())
     if direction not in DIRECTIONS:
         raise InputError(f"direction must be one of {DIRECTIONS}, got {direction!r}.")
     if baseline not in BASELINES:
