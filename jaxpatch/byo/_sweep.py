@@ -82,7 +82,7 @@ def _rows(out, ctx):
 
 def _answers(names, answer, wrong, answer_pos, B, out_shape):
     """Per-example ``answer``, ``wrong``, ``answer_pos`` int arrays ``[B]`` (zeros where unused)."""
-    needs = any(isinstance(n, str) for n in names)
+    needs = any(isinstance(n, str) and n != "kl" for n in names)  # kl compares with the clean run
 
     def per(x, what):
         if x is None:
@@ -100,7 +100,7 @@ def _answers(names, answer, wrong, answer_pos, B, out_shape):
     if needs and wrong is None and _metrics.needs_wrong(names):
         raise InputError("Metric 'logit_diff' needs wrong= (the contrast class / token per example).")
     ans, wr = per(answer, "answer"), per(wrong if wrong is not None else answer, "wrong")
-    if needs:
+    if any(isinstance(n, str) for n in names):
         V = out_shape[-1]
         for what, ids in (("answer", ans), ("wrong", wr)):
             if np.any((ids < 0) | (ids >= V)):
