@@ -35,3 +35,5 @@ from .attribution import attribution_patch as attribution_patch  # noqa: E402
 from . import compare as compare, edges as edges  # noqa: E402
 from . import byo as byo  # noqa: E402  (bring your own Flax / Equinox / plain-JAX model)
 from .byo import Patchable as Patchable, patchable as patchable, scan as scan, site as site  # noqa: E402
+from . import circuits as circuits  # noqa: E402
+from .circuits import evaluate_circuit as evaluate_circuit, path_patch as path_patch  # noqa: E402

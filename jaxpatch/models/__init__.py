@@ -9,6 +9,8 @@ format. Code outside this package uses only the names below, never a family.
 * ``head_write_sites`` / ``head_writes``: each attention head's exactly additive write to the
   residual stream (the edge methods' upstream nodes), whatever the family's norms
 * ``init_params(config, key, dtype)``: random parameters of any family
+* ``embed_stream`` / ``block_at`` / ``head_writes_at``: the forward pass one block at a time
+  (:mod:`.stepwise`; circuit evaluation carries its own state between layers)
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .transformer import (  # noqa: F401
     run_blocks_from as run_blocks_from,
     run_context as run_context,
 )
+from .stepwise import block_at as block_at, embed_stream as embed_stream, head_writes_at as head_writes_at  # noqa: F401
 
 
 def layer_windows(config):
