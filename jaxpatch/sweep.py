@@ -401,10 +401,23 @@ def _core(config, params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_b
     if mesh is None:
         return run_chunks(params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_bucket)
     rep, shd = P(), P("sweep")
-    # Manual over "sweep" only: on a 2-D mesh the "model" axis stays automatic, so parameters
-    # sharded over it (jaxpatch.partitioning) stay sharded inside each sweep shard.
-    f = jax.shard_map(run_chunks, mesh=mesh, in_specs=(rep, rep, rep, rep, rep, shd, shd, shd), out_specs=shd,
-                      axis_names=frozenset({"sweep"}), check_vma=False)
+    if "model" in mesh.axis_names:
+        # A 2-D mesh: parameters sharded over "model" (and "sweep", FSDP-style) by
+        # jaxpatch.partitioning. One program for all devices (GSPMD): every chunk spans the whole
+        # "sweep" axis, so every device runs the same start layer and position bucket and the
+        # collectives the sharded weights need line up. (A shard_map over "sweep" would let
+        # shards run different layer loops around those collectives: a deadlock.)
+        fn = _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_stacked, offsets, metric, n_pos)
+        along = jax.sharding.NamedSharding(mesh, shd)
+
+        def body(args):
+            ix, start, bucket = args
+            ix = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, along), ix)
+            vals, finite = fn((ix, start, bucket))
+            return jax.lax.with_sharding_constraint(vals, along), finite
+
+        return jax.lax.map(body, (idx, chunk_start, chunk_bucket))
+    f = jax.shard_map(run_chunks, mesh=mesh, in_specs=(rep, rep, rep, rep, rep, shd, shd, shd), out_specs=shd, check_vma=False)
     return f(params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_bucket)
 
 
@@ -477,7 +490,10 @@ def run(
         from .partitioning import check_mesh
 
         check_mesh(mesh)
-    n_dev = 1 if mesh is None else int(dict(mesh.shape)["sweep"])  # the patch axis is split over "sweep"
+    n_dev = 1 if mesh is None else mesh.size
+    n_split = 1  # 2-D mesh: each chunk is split over "sweep" (see _core), so chunks are multiples of it
+    if mesh is not None and "model" in mesh.axis_names:
+        n_dev, n_split = 1, int(dict(mesh.shape)["sweep"])
     B = int(run_cache["resid"].shape[1])  # prompts per patched run (sizes the chunks)
     if "ctx" not in run_cache:  # unpadded prompts: default positions
         run_cache = {**run_cache, "ctx": models.run_context(config, jnp.zeros((B, n_pos), jnp.int32))}
@@ -493,6 +509,7 @@ def run(
         raise InputError(f"chunk_size must be None (automatic) or an int >= 1 (patches per vectorised chunk); got {chunk_size!r}.")
     if chunk_size is None:
         chunk_size = default_chunk_size(sweep, B, n_pos, position_buckets)
+    chunk_size = -(-chunk_size // n_split) * n_split
     pl = plan(sweep, config.n_layers, n_pos, max_offset, chunk_size, n_dev, position_buckets)
     n_chunks = len(pl.chunk_start)
     idx = {a: jnp.asarray(np.asarray(v)[pl.order].reshape((n_chunks, pl.chunk) + np.shape(v)[1:])) for a, v in sweep.index.items()}
