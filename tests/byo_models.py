@@ -39,7 +39,7 @@ def linen_transformer(seed: int = 0):
             return nn.Dense(V, name="unembed")(nn.LayerNorm(name="ln_f")(x))
 
     model = Transformer()
-    variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, T), jnp.int32))
+    variables = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, T), jnp.int32))  # eager init is slow
     return model, variables, {"Block": Block, "MLP": MLP}
 
 
@@ -54,7 +54,7 @@ def linen_shared(seed: int = 0):
             return nn.Dense(3, name="head")(dense(jnp.tanh(dense(x))))
 
     model = Shared()
-    return model, model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4)))
+    return model, jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 4)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,4 +146,7 @@ def tokens(seed: int = 1):
 
 
 def to64(tree):
-    return jax.tree_util.tree_map(lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+    def cast(a):
+        return a.astype(jnp.float64) if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    return jax.tree_util.tree_map(cast, tree)
