@@ -259,3 +259,19 @@ def test_results_plot_and_save(setup, tmp_path):
     paths = results_io.save_result(res, tmp_path / "toy")
     assert results_io.results_equal(results_io.load_result(paths["npz"]), res)
     assert paths["table"].exists()
+
+
+def test_core_needs_neither_flax_nor_equinox():
+    """flax and equinox are an optional extra: importing jaxpatch and patching a plain-JAX model
+    never imports them (a subprocess where importing them fails)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['flax'] = sys.modules['equinox'] = None\n"
+            "import jax.numpy as jnp, jaxpatch\n"
+            "m = jaxpatch.patchable(lambda p, x: jaxpatch.site('h', x * p), jnp.float32(2.0))\n"
+            "assert m.sites(jnp.ones((2, 3))) == {'h': (('batch', 'dim1'), (2, 3))}\n"
+            "assert 'flax' not in [k for k, v in sys.modules.items() if v is not None]\n"
+            "print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
