@@ -165,6 +165,7 @@ def activation_patch(
     progress: bool | None = None,
     attention_mask=None,
     checkpoint_dir=None,
+    memory_budget: int | str | None = None,
 ) -> PatchResult:
     """Patch every component of a sweep and measure several metrics, in one compiled program.
 
@@ -212,6 +213,10 @@ def activation_patch(
             result is bitwise identical to an uninterrupted run. A directory written by a
             different sweep (model, prompts, spec, metrics, options) is refused
             (:class:`jaxpatch.resume.SweepCheckpointError`); see :mod:`jaxpatch.resume`.
+        memory_budget: bytes per device (or a size such as ``"2GiB"``) the sweep may use: the
+            chunk size is then chosen from the compiled program's memory analysis (on GPUs/TPUs
+            the device's reported free memory is used without it; ``chunk_size`` overrides).
+            :class:`jaxpatch.planner.MemoryPlanError` says what to change when nothing fits.
 
     Returns:
         a :class:`PatchResult`.
@@ -335,7 +340,7 @@ def activation_patch(
     t0 = time.perf_counter()
     out, pl = _sweep.run(cfg, model.params, spec, run_cache, source, src_stacked, static_names, ctx, T, run_ivs=run_ivs,
                      chunk_size=chunk_size, mesh=mesh, position_buckets=position_buckets, progress=progress,
-                     checkpoint=checkpoint)
+                     checkpoint=checkpoint, memory_budget=memory_budget)
     out = np.asarray(out)  # [P, M, rep*B]: the one host transfer
     sweep_s = time.perf_counter() - t0
 

@@ -458,6 +458,7 @@ def run(
     position_buckets: int | str = "auto",
     progress: bool | None = None,
     checkpoint=None,
+    memory_budget: int | str | None = None,
 ) -> jax.Array:
     """Run every patch of ``sweep``: ``(metric values [P, M, B] in the sweep's order, Plan)``.
 
@@ -482,6 +483,9 @@ def run(
             are cacheable.
         checkpoint: a :class:`jaxpatch.resume.Checkpoint`: completed dispatch groups are written
             to its directory and groups already there are loaded, not recomputed (bitwise equal).
+        memory_budget: bytes per device (or ``"2GiB"``) the sweep program may use; with it, or
+            on a device that reports its memory, an automatic chunk size is the largest that the
+            compiled program's memory analysis fits (see :mod:`jaxpatch.planner`).
     """
     check(sweep, config, n_pos)
     if mesh == "auto":
@@ -509,6 +513,8 @@ def run(
         raise InputError(f"chunk_size must be None (automatic) or an int >= 1 (patches per vectorised chunk); got {chunk_size!r}.")
     if chunk_size is None:
         chunk_size = default_chunk_size(sweep, B, n_pos, position_buckets)
+        chunk_size = _planned_chunk(config, params, sweep, run_cache, source, source_stacked, metric, ctx, n_pos, run_ivs,
+                                    mesh, n_dev, max_offset, position_buckets, chunk_size, memory_budget)
     chunk_size = -(-chunk_size // n_split) * n_split
     pl = plan(sweep, config.n_layers, n_pos, max_offset, chunk_size, n_dev, position_buckets)
     n_chunks = len(pl.chunk_start)
@@ -547,6 +553,35 @@ def run(
     if not ok.all():
         raise_nonfinite(sweep, np.flatnonzero(~ok))
     return vals, pl
+
+
+def _planned_chunk(config, params, sweep, run_cache, source, source_stacked, metric, ctx, n_pos, run_ivs, mesh, n_dev,
+                   max_offset, position_buckets, preferred, memory_budget) -> int:
+    """``preferred`` (the speed heuristic's chunk), or the largest candidate at most it whose
+    compiled program fits the memory budget (``memory_budget``, else the devices' reported free
+    memory; without either: ``preferred``). See :mod:`jaxpatch.planner`."""
+    from . import planner as _planner
+
+    devices = list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
+    if memory_budget is not None:
+        budget, said, resident = _planner.parse_bytes(memory_budget), "memory_budget=", 0
+    else:
+        budget = _planner.device_budget(devices)
+        if budget is None:  # the device reports no memory (CPU): the speed heuristic alone
+            return preferred
+        said = f"{_planner.DEVICE_HEADROOM:.0%} of the free memory {devices[0].device_kind} reports"
+        resident = min(_planner.resident_bytes((params, run_ivs, run_cache, source, ctx), d) for d in devices)
+
+    def measure(c: int):
+        p = plan(sweep, config.n_layers, n_pos, max_offset, c, n_dev, position_buckets)
+        ix = {a: jnp.asarray(np.asarray(v)[p.order[: n_dev * c]].reshape((n_dev, c) + np.shape(v)[1:])) for a, v in sweep.index.items()}
+        compiled = _core.lower(config, params, run_ivs, dict(run_cache), source, dict(ctx), ix,
+                               jnp.asarray(p.chunk_start[:n_dev]), jnp.asarray(p.chunk_bucket[:n_dev]), site=sweep.site,
+                               paired=sweep.joint, source_stacked=source_stacked, offsets=p.offsets, metric=metric,
+                               n_pos=n_pos, mesh=mesh).compile()
+        return _planner.estimate(compiled, c, len(p.chunk_start) // n_dev, resident)
+
+    return _planner.choose_chunk(measure, preferred, budget, source=said, what=f"This sweep of {sweep.site!r}")
 
 
 def describe_patch(sweep: Sweep, i: int) -> str:
