@@ -37,3 +37,4 @@ from . import byo as byo  # noqa: E402  (bring your own Flax / Equinox / plain-J
 from .byo import Patchable as Patchable, patchable as patchable, scan as scan, site as site  # noqa: E402
 from . import circuits as circuits  # noqa: E402
 from .circuits import evaluate_circuit as evaluate_circuit, path_patch as path_patch  # noqa: E402
+from .reporting import Report as Report, report as report  # noqa: E402

@@ -8,6 +8,8 @@ Subcommands (``jaxpatch <command> --help`` for details):
 * ``sweep MODEL`` — one patching sweep of any checkpoint on prompts from a JSONL file or the
   command line; saves the result (and a figure with ``--plot``).
 * ``info MODEL`` — a model's config and every hook site with its activation shape.
+* ``report MODEL`` — the founding paper's workflow as one guided, self-contained HTML report
+  (:func:`jaxpatch.report`).
 
 ``MODEL`` is a checkpoint directory (``config.json`` + safetensors), a hub name already in the
 local Hugging Face cache, or ``default`` for the embedded induction model.
@@ -306,6 +308,46 @@ def _checkpoint_dir(args) -> Path | None:
     return ckpt
 
 
+def cmd_report(args) -> int:
+    """The guided report (jaxpatch.reporting): plan printed first, findings summarised, HTML written."""
+    from . import metrics as _metrics
+    from .reporting import report
+
+    metrics = _csv(args.metrics, "--metrics") if args.metrics else None
+    if metrics is not None:
+        _metrics.check_names(metrics)
+    if args.n_prompts < 1:
+        raise CLIError("--n-prompts must be at least 1")
+    if not 0 < args.threshold < 1:
+        raise CLIError(f"--threshold must lie in (0, 1) (a fraction of the clean-corrupt gap); got {args.threshold}")
+    t0 = time.perf_counter()
+    from .reporting.workflow import check_out
+
+    check_out(args.out)  # fail before loading anything
+    model = _load_model(args.model, args.dtype)
+    tok = _tokenizer_for(args.model, model)
+    if args.model == "default" and args.prompts is None and args.clean is None:
+        from . import data
+
+        clean, corrupt, answer, wrong = data.induction_prompts(args.n_prompts, seed=args.seed)
+        labels = data.load_vocab()
+    else:
+        clean, corrupt, answer, wrong = _read_prompts(args, tok)
+        labels = tok.labels
+    rep = report(model, clean, corrupt, answer=answer, wrong=wrong, answer_pos=args.answer_pos, token_labels=labels,
+                 metrics=metrics, budget=args.budget, out=args.out, threshold=args.threshold, zoom_heads=args.zoom_heads,
+                 attribution=not args.no_attribution, title=args.title)
+    order = ("circuit", "localised", "saturated_metric", "discrete_metric", "sufficient_not_necessary",
+             "necessary_not_sufficient", "attribution_misranked", "skipped")
+    print(f"\n{len(rep.findings)} findings; the main ones:")
+    for kind in order:
+        for f in rep.by_kind(kind)[:3]:
+            print(f"  [{kind}] {f.message}")
+    print(f"\nwrote {rep.files['html']} ({len(rep.figures)} figures), findings.json/.csv and {len(rep.results)} tables "
+          f"in {time.perf_counter() - t0:.1f}s ({rep.info['used']} forward-pass equivalents)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from . import data
     from .attribution import attribution_patch
@@ -436,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     p.add_argument("--version", action="version", version=f"jaxpatch {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{demo,sweep,info}")
+    sub = p.add_subparsers(dest="command", metavar="{demo,sweep,info,report}")
 
     d = sub.add_parser("demo", help="patch the embedded induction model end to end; save results and figures",
                        description="Run denoising and noising sweeps of every head and of the residual stream of the "
@@ -489,6 +531,35 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--batch", type=int, default=1, help="batch size for the shapes (default 1)")
     i.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     i.set_defaults(func=cmd_info)
+
+    r = sub.add_parser(
+        "report", help="the paper's patching workflow as one guided HTML report",
+        description="Run the exploratory workflow of Heimersheim & Nanda (2024) on MODEL: coarse sweeps (residual stream, "
+                    "attention and MLP outputs by layer x position, denoising and noising), then heads, top heads by "
+                    "position and q/k/v, MLP neurons within --budget, several metrics with their pitfalls stated, "
+                    "denoising vs noising per component, negative components and per-prompt spread, AtP* beside exact "
+                    "patching. Writes OUT/report.html (self-contained), findings.json/.csv and tables/. Prompts as for "
+                    "'sweep'; with MODEL 'default' and no prompts, --n-prompts induction prompts are made.",
+        epilog="Example: jaxpatch report default --out report-out --budget 800")
+    r.add_argument("model", metavar="MODEL", help="checkpoint directory, cached hub name, or 'default'")
+    r.add_argument("--prompts", metavar="FILE.jsonl", help="prompt file (JSON lines), as for 'sweep'")
+    r.add_argument("--clean", help="one clean prompt (instead of --prompts)")
+    r.add_argument("--corrupt", help="its corrupted prompt")
+    r.add_argument("--answer", help="the correct next token (string or id)")
+    r.add_argument("--wrong", help="the contrast token for logit_diff (string or id)")
+    r.add_argument("--n-prompts", type=int, default=32, help="induction prompts for MODEL 'default' (default 32)")
+    r.add_argument("--seed", type=int, default=0, help="prompt seed for MODEL 'default' (default 0)")
+    r.add_argument("--budget", type=int, default=None,
+                   help="forward-pass equivalents the report may spend (default: no limit); the plan is printed first")
+    r.add_argument("--metrics", help="comma-separated metric names, the primary first (default: all built-in)")
+    r.add_argument("--threshold", type=float, default=0.2, help="importance threshold, fraction of the gap (default 0.2)")
+    r.add_argument("--zoom-heads", type=int, default=3, help="top heads to zoom into (default 3)")
+    r.add_argument("--no-attribution", action="store_true", help="leave out AtP* beside exact patching")
+    r.add_argument("--answer-pos", type=int, default=-1, help="position whose logits are read (default -1)")
+    r.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    r.add_argument("--title", help="page title")
+    r.add_argument("--out", default="jaxpatch-report", help="output folder (default ./jaxpatch-report)")
+    r.set_defaults(func=cmd_report)
     return p
 
 
