@@ -39,7 +39,7 @@ def coarse(results, primary) -> Figure:
     plt = _pyplot()
     sites = ("resid_pre", "attn_out", "mlp_out")
     L, T = results["coarse.resid_pre.denoise"].shape
-    fig, axs = plt.subplots(3, 2, figsize=(min(16, 4 + 0.45 * T) * 1.0 * 2 / 2 + 6, 3 * (1.6 + 0.35 * L)),
+    fig, axs = plt.subplots(3, 2, figsize=(2 * min(8.5, 3.5 + 0.3 * T), 3 * (2.6 + 0.3 * min(L, 24))),
                             constrained_layout=True, squeeze=False)
     for r, site in enumerate(sites):
         for c, d in enumerate(("denoise", "noise")):
@@ -66,7 +66,7 @@ def metrics_side_by_side(res: PatchResult, metrics, key: str) -> Figure:
     cols = 2 if n > 1 else 1
     rows = int(np.ceil(n / cols))
     L, T = res.shape
-    fig, axs = plt.subplots(rows, cols, figsize=(cols * min(9, 3 + 0.32 * T), rows * (1.5 + 0.35 * L)),
+    fig, axs = plt.subplots(rows, cols, figsize=(cols * min(8.5, 3.5 + 0.3 * T), rows * (2.4 + 0.3 * min(L, 24))),
                             constrained_layout=True, squeeze=False)
     for a, m in zip(axs.reshape(-1), metrics):
         plot_layer_pos(res, m, ax=a, annotate=False)

@@ -272,7 +272,8 @@ def discrete_findings(result: PatchResult, names: list[str], primary: str, thres
         out.append(Finding(
             "discrete_metric", "metrics", comps, (m, primary),
             tuple((f"{n} {primary}", _r(fv[i])) for n, i in zip(comps, hidden)) + tuple((f"{n} {m}", _r(fd[i])) for n, i in zip(comps, hidden)),
-            f"{m} is discrete and hides partial effects: {_fmt_list(comps, [fv[i] for i in hidden])} move {primary} by part of "
+            f"{m} is discrete and hides partial effects: {_fmt_list(comps, [fv[i] for i in hidden])} "
+            f"{'moves' if len(comps) == 1 else 'move'} {primary} by part of "
             f"the gap, but {m} moves by {', '.join(f'{fd[i]:+.2f}' for i in hidden)} — the answer's rank does not cross the "
             "threshold, so a real contribution reads as zero.",
             f"Use a continuous metric ({primary}, logprob) for exploration; keep {m} to check the end behaviour.", "caution"))

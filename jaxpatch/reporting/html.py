@@ -54,7 +54,7 @@ figure{margin:12px 0;background:#fff;padding:8px;border:1px solid #e5e5e5} figur
 figcaption{font-size:13px;color:#444;margin-top:4px}
 .summary{display:flex;flex-wrap:wrap;gap:8px;margin:10px 0} .pill{background:#fff;border:1px solid #ddd;border-radius:12px;padding:2px 10px;font-size:12px}
 pre{background:#fff;border:1px solid #e5e5e5;padding:8px;font-size:12px;overflow-x:auto}
-.prompt{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px}
+td.prompt{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;text-align:left}
 """
 
 
