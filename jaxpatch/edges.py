@@ -267,4 +267,14 @@ def exact_edge_patch(model: HookedModel, clean_tokens, corrupt_tokens, edges, *,
     bad = [(a, b) for (a, b), i, j in zip(edges, u, v) if not g.valid[i, j]]
     if bad:
         raise InputError(f"Edges must go forward (upstream node before downstream node); invalid: {bad[:5]}.")
-    return np.asarray(_exact_core(model.config, model.params, run, src, ctx, jnp.asarray(u), jnp.asarray(v), names=names))
+    # One edge patched = the circuit engine's masked forward with that one edge carrying the source
+    # run's value (jaxpatch.circuits._engine); _exact_core above is its tested slow twin.
+    from .circuits import _engine
+
+    ws = np.zeros((len(u) + 1,) + g.valid.shape, bool)
+    ws[np.arange(len(u)), u, v] = True  # the last row patches nothing: the run itself
+    other = _engine.up_outputs(model.config, model.params, src, ctx.get("attention_mask"))
+    chunk = _engine.default_chunk(model.config, run.shape[0], run.shape[1], len(ws), None)
+    out = np.asarray(_engine.masked_sweep(model.config, model.params, names, run, jnp.asarray(ws), other, ctx,
+                                          chunk=chunk))[:, 0]
+    return out[:-1] - out[-1]

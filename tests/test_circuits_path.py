@@ -122,8 +122,8 @@ def test_path_patch_equals_the_hand_built_two_step_computation(x64, family, dire
 def test_chunked_pairs_equal_one_chunk():
     m = _model(GPT2)
     clean, corrupt, ans, wrong = prompts()
-    kw = dict(senders=["L0H0", "L0H1", "MLP0", "L1H2"], receivers=["L1H0.q", "L2H1.k", "logits"], answer=ans,
-              wrong=wrong, invalid="nan")
+    kw = {"senders": ["L0H0", "L0H1", "MLP0", "L1H2"], "receivers": ["L1H0.q", "L2H1.k", "logits"], "answer": ans,
+              "wrong": wrong, "invalid": "nan"}
     a = circuits.path_patch(m, clean, corrupt, chunk_size=3, **kw)
     b = circuits.path_patch(m, clean, corrupt, **kw)
     assert a.info["chunk_size"] == 3 and b.info["chunk_size"] == a.info["n_pairs"]
@@ -150,7 +150,7 @@ def test_previous_token_head_to_induction_key_is_the_strongest_path():
 def test_path_patch_errors():
     m = _model(GPT2)
     clean, corrupt, ans, wrong = prompts()
-    kw = dict(answer=ans, wrong=wrong)
+    kw = {"answer": ans, "wrong": wrong}
     with pytest.raises(jaxpatch.InputError, match="at or before its sender's layer"):
         circuits.path_patch(m, clean, corrupt, senders=["L1H0"], receivers=["L1H2.q"], **kw)
     with pytest.raises(jaxpatch.InputError, match="at or before its sender's layer"):

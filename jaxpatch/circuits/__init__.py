@@ -5,6 +5,12 @@ Nodes and edges are those of :class:`jaxpatch.edges.EdgeGraph` (``embed``, ``L{l
 ``MLP{l}`` write; ``L{l}H{h}.q/.k/.v``, ``MLP{l}.in``, ``logits`` read).
 """
 
-from ._graph import circuit_from_nodes as circuit_from_nodes, edge_mask as circuit_mask  # noqa: F401
-from .evaluate import CircuitResult as CircuitResult, evaluate_circuit as evaluate_circuit  # noqa: F401
-from .path_patch import path_patch as path_patch  # noqa: F401
+from ._graph import circuit_from_nodes as circuit_from_nodes
+from ._graph import circuit_mask as circuit_mask
+from .evaluate import CircuitResult as CircuitResult
+from .evaluate import evaluate_circuit as evaluate_circuit
+from .path_patch import path_patch as path_patch
+from .probes import BackupResult as BackupResult
+from .probes import ProbeResult as ProbeResult
+from .probes import and_or_probe as and_or_probe
+from .probes import backup_probe as backup_probe

@@ -9,7 +9,7 @@ circuit is a boolean mask ``[U, V]`` over the graph's valid edges.
 from __future__ import annotations
 
 import difflib
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -77,7 +77,7 @@ def node_mask(graph: EdgeGraph, groups: Iterable, what: str = "component") -> np
     return out
 
 
-def edge_mask(graph: EdgeGraph, edges) -> np.ndarray:
+def circuit_mask(graph: EdgeGraph, edges) -> np.ndarray:
     """``[U, V]`` bool of a circuit given as ``(upstream, downstream)`` name pairs. Unknown names
     and pairs that are not edges of the graph (downstream node before upstream) raise."""
     m = np.zeros(graph.valid.shape, bool)
@@ -150,7 +150,7 @@ def check_circuits(graph: EdgeGraph, circuits) -> np.ndarray:
         items = list(circuits)
         if items and isinstance(items[0], tuple) and len(items[0]) == 2 and all(isinstance(x, str) for x in items[0]):
             items = [items]  # one circuit given as a list of edges
-        masks = [edge_mask(graph, c) if not hasattr(c, "shape") else np.asarray(c) for c in items]
+        masks = [circuit_mask(graph, c) if not hasattr(c, "shape") else np.asarray(c) for c in items]
     if not masks:
         raise InputError("Give at least one circuit.")
     out = np.zeros((len(masks), U, V), bool)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import metrics as _metrics
-from .._errors import InputError
+from .._errors import InputError, JaxpatchError
 from ..model import HookedModel, check_tokens
 from . import _engine
 from ._graph import check_circuits, graph_of
@@ -83,7 +83,7 @@ class CircuitResult:
             data[m] = self.values(m)
             try:
                 data[f"{m}_faithfulness"] = self.faithfulness(m)
-            except Exception:
+            except JaxpatchError:  # a zero or rounding-noise gap
                 data[f"{m}_faithfulness"] = np.full(len(self.labels), np.nan)
         return pd.DataFrame(data)
 
