@@ -204,7 +204,13 @@ class Scope:
                 "forward (per layer inside jaxpatch.scan); give each occurrence its own name "
                 f"(e.g. {name + '_0'!r}, {name + '_1'!r}).")
         coords = self._coords()
-        local_axes = _check_axes(name, x, axes, batched_outside="batch" in coords)
+        try:
+            local_axes = _check_axes(name, x, axes, batched_outside="batch" in coords)
+        except SiteError as e:
+            if module_output and root.discover:
+                root.unaddressable[name] = f"the axes declared for it do not fit ({e})"
+                return x
+            raise
         ext_axes = tuple(coords) + local_axes
         ext_shape = tuple(n for _, n in coords.values()) + tuple(x.shape)
         info = SiteInfo(name, ext_axes, ext_shape, x.dtype, layered="layer" in coords)
