@@ -478,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     p.add_argument("--version", action="version", version=f"jaxpatch {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{demo,sweep,info,report}")
+    sub = p.add_subparsers(dest="command", metavar="{demo,sweep,info,report,pareto}")
 
     d = sub.add_parser("demo", help="patch the embedded induction model end to end; save results and figures",
                        description="Run denoising and noising sweeps of every head and of the residual stream of the "
@@ -560,6 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--title", help="page title")
     r.add_argument("--out", default="jaxpatch-report", help="output folder (default ./jaxpatch-report)")
     r.set_defaults(func=cmd_report)
+    from .circuits._cli import add_parser as _add_pareto  # jaxpatch pareto (circuits)
+
+    _add_pareto(sub)
     return p
 
 

@@ -462,3 +462,11 @@ def save_figure(fig, path, dpi: int = 150, close: bool = False) -> Path:
     if close:
         _pyplot().close(fig)
     return path
+
+
+def plot_pareto(result, ax=None, *, title=None):
+    """Pareto curves (circuit size vs recovered fraction, one line per ranking): see
+    :func:`jaxpatch.circuits.plot_pareto`."""
+    from .circuits.pareto import plot_pareto as _plot
+
+    return _plot(result, ax, title=title)

@@ -9,6 +9,11 @@ from ._graph import circuit_from_nodes as circuit_from_nodes
 from ._graph import circuit_mask as circuit_mask
 from .evaluate import CircuitResult as CircuitResult
 from .evaluate import evaluate_circuit as evaluate_circuit
+from .pareto import ParetoCurve as ParetoCurve
+from .pareto import ParetoResult as ParetoResult
+from .pareto import nested_circuits as nested_circuits
+from .pareto import pareto_curve as pareto_curve
+from .pareto import plot_pareto as plot_pareto
 from .path_patch import path_patch as path_patch
 from .probes import BackupResult as BackupResult
 from .probes import ProbeResult as ProbeResult

@@ -29,8 +29,8 @@ chunk starting there from the run's cached residual stream.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from functools import partial
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
