@@ -49,8 +49,8 @@ def train(steps=150, seed=0):
     opt = optax.adam(1e-2)
     state = opt.init(params)
 
-    @jax.jit
-    def step(params, state, key):
+    def step(carry, key):
+        params, state = carry
         x, y = data(key, 128)
 
         def loss(p):
@@ -59,10 +59,11 @@ def train(steps=150, seed=0):
 
         value, grads = jax.value_and_grad(loss)(params)
         updates, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, value
+        return (optax.apply_updates(params, updates), state), value
 
-    for key in jax.random.split(jax.random.PRNGKey(seed + 1), steps):
-        params, state, value = step(params, state, key)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), steps)
+    (params, state), losses = jax.jit(lambda c, k: jax.lax.scan(step, c, k))((params, state), keys)  # one program
+    value = losses[-1]
     return nnx.merge(graphdef, params), float(value)
 
 
