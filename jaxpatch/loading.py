@@ -84,8 +84,52 @@ def resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
     )
 
 
-def read_checkpoint(directory: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """``(config.json dict, tensors)`` of a checkpoint directory (single or sharded safetensors)."""
+class LazyTensor:
+    """One safetensors tensor, read from disk (a fresh buffer, not a memory map) only when
+    converted with ``np.asarray``; ``shape``, ``dtype`` and ``size`` need no read."""
+
+    __slots__ = ("path", "name", "dtype", "shape", "start", "end")
+
+    def __init__(self, path: Path, name: str, dtype, shape, start: int, end: int):
+        self.path, self.name, self.dtype, self.shape, self.start, self.end = path, name, np.dtype(dtype), tuple(shape), start, end
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def __array__(self, dtype=None, copy=None):
+        buf = np.empty(self.end - self.start, np.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self.start)
+            if f.readinto(memoryview(buf)) != buf.size:
+                raise CheckpointError(f"Tensor {self.name!r} is truncated in {str(self.path)!r}.")
+        a = buf.view(self.dtype).reshape(self.shape)
+        return a if dtype is None else a.astype(dtype)
+
+
+def index_safetensors(path: Path) -> dict[str, LazyTensor]:
+    """Every tensor of a ``.safetensors`` file as a :class:`LazyTensor` (nothing read yet)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"Cannot read safetensors file {str(path)!r}: {e}") from None
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"Tensor {name!r} in {str(path)!r} has unsupported dtype {info['dtype']}.")
+        start, end = info["data_offsets"]
+        out[name] = LazyTensor(path, name, _ST_DTYPES[info["dtype"]], info["shape"], 8 + n + start, 8 + n + end)
+    return out
+
+
+def read_checkpoint(directory: Path, lazy: bool = False) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(config.json dict, tensors)`` of a checkpoint directory (single or sharded safetensors);
+    ``lazy``: :class:`LazyTensor` values, read one at a time when converted."""
+    read = index_safetensors if lazy else read_safetensors
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"Checkpoint directory {str(directory)!r} has no config.json.")
@@ -96,7 +140,7 @@ def read_checkpoint(directory: Path) -> tuple[dict, dict[str, np.ndarray]]:
     single = directory / "model.safetensors"
     index = directory / "model.safetensors.index.json"
     if single.is_file():
-        return hf_config, read_safetensors(single)
+        return hf_config, read(single)
     if index.is_file():
         weight_map = json.loads(index.read_text()).get("weight_map", {})
         tensors: dict[str, np.ndarray] = {}
@@ -104,7 +148,7 @@ def read_checkpoint(directory: Path) -> tuple[dict, dict[str, np.ndarray]]:
             shard_path = directory / shard
             if not shard_path.is_file():
                 raise CheckpointError(f"Shard {shard!r} listed in {index.name} is missing from {str(directory)!r}.")
-            tensors.update(read_safetensors(shard_path))
+            tensors.update(read(shard_path))
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
             raise CheckpointError(f"Tensors listed in {index.name} but absent from the shards: {missing[:20]}.")
@@ -155,7 +199,7 @@ def checkpoint_dtype(tensors: dict[str, np.ndarray]):
     return jnp.dtype(jnp.float32)
 
 
-def load_pretrained(path_or_name, dtype=None):
+def load_pretrained(path_or_name, dtype=None, mesh=None):
     """Load a Hugging Face checkpoint as a :class:`jaxpatch.HookedModel`.
 
     Supported architectures: ``GPT2LMHeadModel``, ``GPTNeoXForCausalLM`` (Pythia),
@@ -170,6 +214,10 @@ def load_pretrained(path_or_name, dtype=None):
         dtype: ``None`` (default: the checkpoint's dtype if it is bfloat16 or float16, else
             float32; see :func:`checkpoint_dtype`), ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"float64"`` (needs
             ``jax_enable_x64``), or the corresponding JAX dtype.
+        mesh: a ``("sweep", "model")`` :class:`jax.sharding.Mesh` (or ``("sweep",)``): the
+            parameters are sharded on it by :mod:`jaxpatch.partitioning`, streamed one tensor at a
+            time from disk to their shards, so the host never holds the whole model (GPT-2
+            checkpoints are converted whole, then sharded).
 
     Raises:
         CheckpointError: missing directory/files/tensors, unexpected tensors, shape mismatches.
@@ -180,13 +228,17 @@ def load_pretrained(path_or_name, dtype=None):
 
     dt = None if dtype is None else canonical_dtype(dtype)
     directory = resolve_checkpoint(path_or_name)
-    hf_config, tensors = read_checkpoint(directory)
+    hf_config, tensors = read_checkpoint(directory, lazy=mesh is not None)
     config = convert.config_from_hf(hf_config)
     if dt is None:
         dt = checkpoint_dtype(tensors)
     tied = convert.tied_from_hf(hf_config, config)
-    check_finite_tensors(tensors, f"checkpoint {str(directory)!r}")
-    params = convert.params_from_hf(config, tensors, tied=tied, dtype=dt)
+    where = f"checkpoint {str(directory)!r}"
+    if mesh is None:
+        check_finite_tensors(tensors, where)
+        params = convert.params_from_hf(config, tensors, tied=tied, dtype=dt)
+    else:
+        params = _load_sharded(config, tensors, tied, dt, mesh, where)
     check_finite_params(params, dt)
     from .tokenizer import load_tokenizer
 
@@ -197,6 +249,23 @@ def load_pretrained(path_or_name, dtype=None):
         tokenizer = None
     return HookedModel(config, params, name=str(path_or_name), tokenizer_path=tok_path if tok_path.is_file() else None,
                        tokenizer=tokenizer)
+
+
+def _load_sharded(config, tensors, tied, dtype, mesh, where):
+    """Params on ``mesh``, streamed tensor by tensor where the family's converter allows."""
+    from . import partitioning
+    from .models import hf_common
+
+    placer = partitioning.StreamPlacer(mesh, lambda name, a: check_finite_tensors({name: a}, where))
+    if config.architecture == "gpt2":  # GPT-2's converter is not spec-based: convert whole, then shard
+        loaded = {k: np.asarray(v) for k, v in tensors.items()}
+        check_finite_tensors(loaded, where)
+        return partitioning.shard_params(convert.params_from_hf(config, loaded, tied=tied, dtype=dtype), mesh)
+    token = hf_common.PLACEMENT.set(placer)
+    try:
+        return convert.params_from_hf(config, tensors, tied=tied, dtype=dtype)
+    finally:
+        hf_common.PLACEMENT.reset(token)
 
 
 def check_finite_tensors(tensors: dict[str, np.ndarray], where: str) -> None:

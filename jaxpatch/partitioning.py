@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -130,3 +131,38 @@ def layout(params, mesh, rules: Sequence[tuple[str, str]] = DEFAULT_RULES) -> La
     n = math.prod(sizes.values())
     share = total / n
     return Layout(int(total), int(per_dev), share, per_dev / share - 1.0, replicated)
+
+
+@partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked, i, layer):
+    return jax.lax.dynamic_update_index_in_dim(stacked, layer.astype(stacked.dtype), i, 0)
+
+
+class StreamPlacer:
+    """Places parameters on ``mesh`` one tensor at a time, for
+    ``jaxpatch.load_pretrained(..., mesh=)``: each array goes straight to its shards
+    (``jax.make_array_from_callback``), and stacked per-layer weights are filled in place layer by
+    layer, so the host never holds more than one checkpoint tensor (plus its converted copy)."""
+
+    def __init__(self, mesh, check, rules: Sequence[tuple[str, str]] = DEFAULT_RULES):
+        check_mesh(mesh)
+        self.mesh, self.check, self.rules, self.sizes = mesh, check, tuple(rules), _axis_sizes(mesh)
+
+    def sharding(self, path: tuple[str, ...], shape) -> NamedSharding:
+        from .models.axes import BLOCK, TOP
+
+        axes = TOP[path[0]] if len(path) == 1 else ("layers",) + BLOCK[path[1]]
+        return NamedSharding(self.mesh, spec_for(axes, shape, self.sizes, self.rules))
+
+    def put(self, path, array):
+        return jax.make_array_from_callback(array.shape, self.sharding(path, array.shape), lambda idx: array[idx])
+
+    def zeros(self, path, shape, dtype):
+        sh = self.sharding(path, shape)
+        return jax.jit(lambda: jax.numpy.zeros(shape, dtype), out_shardings=sh)()
+
+    def set_layer(self, path, stacked, i: int, array):
+        spec = stacked.sharding.spec
+        layer_sh = NamedSharding(self.mesh, P(*tuple(spec)[1:]))
+        layer = jax.make_array_from_callback(array.shape, layer_sh, lambda idx: array[idx])
+        return _set_layer(stacked, np.int32(i), layer)

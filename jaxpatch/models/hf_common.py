@@ -11,6 +11,7 @@ Also here: reading the rotary settings of ``config.json`` files written by ``tra
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
@@ -169,6 +170,13 @@ def n_ctx_from_hf(max_pos: int, rope_scaling: tuple) -> int:
 # Tensors
 
 
+#: While set (by ``jaxpatch.load_pretrained(..., mesh=)``), :func:`load_specs` streams each tensor
+#: to its shards instead of stacking the model in host memory. An object with ``check(name,
+#: array)``, ``put(path, array)``, ``zeros(path, shape, dtype)`` and ``set_layer(path, stacked, i,
+#: array)``; ``path`` is the parameter's key path (``("W_E",)``, ``("blocks", "W_Q")``).
+PLACEMENT: contextvars.ContextVar = contextvars.ContextVar("jaxpatch_placement", default=None)
+
+
 @dataclasses.dataclass(frozen=True)
 class Spec:
     """One checkpoint tensor: ``name`` (per layer: the part after ``{layers}.{i}.``), its ``shape``,
@@ -242,12 +250,31 @@ def load_specs(tensors: Mapping[str, np.ndarray], top: list[Spec], layer: list[S
     expected = [s.name for s in top] + [f"{layer_prefix}{i}.{s.name}" for i in range(n_layers) for s in layer]
     check_names(set(tensors), expected, family)
     work, target = work_dtype(dtype), np.dtype(dtype)
+    place = PLACEMENT.get()
 
     def get(name, shape):
         a = tensors[name]
         if tuple(a.shape) != tuple(shape):
             raise CheckpointError(f"Tensor {name!r} has shape {tuple(a.shape)}; config.json implies {tuple(shape)}.")
+        if place is not None:
+            place.check(name, a := np.asarray(a))
         return np.asarray(a, dtype=work)
+
+    if place is not None:  # streamed: one tensor in host memory at a time, straight to its shards
+        out: dict[str, Any] = {}
+        for s in top:
+            for k, v in zip(s.keys, s.load(get(s.name, s.shape))):
+                out[k] = place.put((k,), np.ascontiguousarray(v).astype(target))
+        blocks: dict[str, Any] = {}
+        for i in range(n_layers):
+            for s in layer:
+                for k, v in zip(s.keys, s.load(get(f"{layer_prefix}{i}.{s.name}", s.shape))):
+                    v = np.ascontiguousarray(v).astype(target)
+                    if k not in blocks:
+                        blocks[k] = place.zeros(("blocks", k), (n_layers,) + v.shape, target)
+                    blocks[k] = place.set_layer(("blocks", k), blocks[k], i, v)
+        out["blocks"] = blocks
+        return out
 
     out: dict[str, Any] = {}
     for s in top:
