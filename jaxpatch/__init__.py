@@ -38,3 +38,4 @@ from .byo import Patchable as Patchable, patchable as patchable, scan as scan, s
 from . import circuits as circuits  # noqa: E402
 from .circuits import evaluate_circuit as evaluate_circuit, path_patch as path_patch  # noqa: E402
 from .reporting import Report as Report, report as report  # noqa: E402
+from . import partitioning as partitioning  # noqa: E402  (sharded parameters on a ("sweep", "model") mesh)

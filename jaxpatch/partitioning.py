@@ -45,11 +45,18 @@ def _axis_sizes(mesh) -> dict[str, int]:
     return dict(mesh.shape)
 
 
+_MAKE = ("Make one with jax.make_mesh((n_sweep, n_model), ('sweep', 'model'), "
+         "axis_types=(jax.sharding.AxisType.Auto,) * 2) or jax.sharding.Mesh(devices, ('sweep', 'model')).")
+
+
 def check_mesh(mesh) -> None:
     names = tuple(mesh.axis_names)
     if SWEEP not in names or any(n not in (SWEEP, MODEL) for n in names):
-        raise InputError(f"A jaxpatch mesh has axes ('sweep',) or ('sweep', 'model'); got {names}. "
-                         "Make one with jax.make_mesh((n_sweep, n_model), ('sweep', 'model')).")
+        raise InputError(f"A jaxpatch mesh has axes ('sweep',) or ('sweep', 'model'); got {names}. " + _MAKE)
+    types = getattr(mesh, "axis_types", None) or ()
+    if any(getattr(t, "name", "Auto") != "Auto" for t in types):
+        raise InputError(f"jaxpatch shards with automatic mesh axes; this mesh's axis types are {tuple(types)} "
+                         "(jax.make_mesh makes Explicit axes by default). " + _MAKE)
 
 
 def spec_for(axes: Sequence[str], shape: Sequence[int], sizes: dict[str, int],

@@ -118,3 +118,6 @@ def test_bad_mesh_axes_are_named():
         pt.shard_params(m.params, bad)
     with pytest.raises(jaxpatch.InputError, match="'sweep', 'model'"):
         jaxpatch.activation_patch(m, clean, corrupt, site="z", answer=ans, wrong=wrong, mesh=bad)
+    explicit = jax.make_mesh((2, 4), ("sweep", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    with pytest.raises(jaxpatch.InputError, match="automatic mesh axes"):
+        pt.shard_params(m.params, explicit)
