@@ -248,7 +248,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 # ------------------------------------------------------------------------------- the runner
 def run_groups(core: Callable, idx: Mapping[str, np.ndarray], chunk_start: np.ndarray, chunk_bucket: np.ndarray, *,
                n_real: int, n_layers: int, n_dev: int, checkpoint: Checkpoint | None = None,
-               put: Callable = None, fetch: Callable = None, show_bar: bool = False, desc: str = "sweep"):
+               put: Callable | None = None, fetch: Callable | None = None, show_bar: bool = False, desc: str = "sweep"):
     """Run ``core(idx, chunk_start, chunk_bucket)`` over a plan's chunks as a few equal dispatch
     groups (:func:`jaxpatch.sweep._progress_groups`), skipping groups whose chunks a checkpoint
     already holds and saving each computed group; returns numpy ``(values [n_chunks, chunk, ...],

@@ -436,8 +436,10 @@ def run_cache(config: ModelConfig, caps: Mapping[str, Any], tokens, attention_ma
 
 
 def default_mesh() -> Mesh | None:
-    """A 1-D mesh over all local devices (``None`` with one device)."""
-    devs = jax.local_devices()
+    """A 1-D mesh over all local devices (``None`` with one device); in a multi-process run
+    (after ``jax.distributed.initialize``), over every device of every process (see
+    :mod:`jaxpatch.multihost`)."""
+    devs = jax.devices() if jax.process_count() > 1 else jax.local_devices()
     return Mesh(np.array(devs), ("sweep",)) if len(devs) > 1 else None
 
 
@@ -511,6 +513,16 @@ def run(
         raise InputError(f"position_buckets must be 'auto' or an int >= 1, got {position_buckets!r}.")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
         raise InputError(f"chunk_size must be None (automatic) or an int >= 1 (patches per vectorised chunk); got {chunk_size!r}.")
+    from . import multihost as _multihost
+
+    multi = _multihost.spans_processes(mesh)
+    if multi:  # every process holds the same inputs (checked): global arrays over every device
+        from .resume import fingerprint
+
+        _multihost.check_same("inputs (model weights, prompts, sweep, metrics or options)", fingerprint(
+            params, dict(run_cache), source, source_stacked, dict(ctx), run_ivs, metric, sweep.site, dict(sweep.index),
+            n_pos, chunk_size, position_buckets))
+        params, run_ivs, run_cache, source, ctx = _multihost.replicate((params, run_ivs, dict(run_cache), source, dict(ctx)), mesh)
     if chunk_size is None:
         chunk_size = default_chunk_size(sweep, B, n_pos, position_buckets)
         chunk_size = _planned_chunk(config, params, sweep, run_cache, source, source_stacked, metric, ctx, n_pos, run_ivs,
@@ -523,18 +535,21 @@ def run(
 
     core = partial(_core, config, params, run_ivs, dict(run_cache), source, dict(ctx), site=sweep.site, paired=sweep.joint,
                    source_stacked=source_stacked, offsets=pl.offsets, metric=metric, n_pos=n_pos, mesh=mesh)
-    if checkpoint is not None:  # groups on disk are loaded; the others computed and saved (see resume.py)
+    if checkpoint is not None or multi:  # dispatch groups: saved/loaded (resume.py), gathered (multihost.py)
         from . import resume as _resume
 
         n_real = math.ceil(sweep.size / pl.chunk)
-        checkpoint.describe.update(chunk_size=pl.chunk, position_buckets=position_buckets)
-        checkpoint.open({"plan": _resume.fingerprint(pl.order[: sweep.size], pl.chunk, pl.chunk_start[:n_real],
-                                                     pl.chunk_bucket[:n_real], pl.offsets),
-                         "inputs": _resume.fingerprint(dict(run_cache), source, source_stacked, dict(ctx), run_ivs, metric, n_pos),
-                         "software": _resume.software()})
+        if checkpoint is not None:
+            checkpoint.writer = jax.process_index() == 0
+            checkpoint.describe.update(chunk_size=pl.chunk, position_buckets=position_buckets)
+            checkpoint.open({"plan": _resume.fingerprint(pl.order[: sweep.size], pl.chunk, pl.chunk_start[:n_real],
+                                                         pl.chunk_bucket[:n_real], pl.offsets),
+                             "inputs": _resume.fingerprint(dict(run_cache), source, source_stacked, dict(ctx), run_ivs, metric, n_pos),
+                             "software": _resume.software()})
         out = _resume.run_groups(core, idx, pl.chunk_start, pl.chunk_bucket, n_real=n_real, n_layers=config.n_layers,
-                                 n_dev=n_dev, checkpoint=checkpoint, show_bar=_progress.enabled(progress),
-                                 desc=f"sweep {sweep.site}")
+                                 n_dev=n_dev, checkpoint=checkpoint, put=_multihost.putter(mesh) if multi else None,
+                                 fetch=_multihost.fetch if multi else None,
+                                 show_bar=_progress.enabled(progress) and jax.process_index() == 0, desc=f"sweep {sweep.site}")
         out = tuple(jnp.asarray(o) for o in out)
     elif _progress.enabled(progress):  # a bar: a few equal dispatches, no host callback (see _run_with_bar)
         out = _run_with_bar(core, idx, pl.chunk_start, pl.chunk_bucket, config.n_layers, n_dev, f"sweep {sweep.site}")
@@ -562,11 +577,19 @@ def _planned_chunk(config, params, sweep, run_cache, source, source_stacked, met
     memory; without either: ``preferred``). See :mod:`jaxpatch.planner`."""
     from . import planner as _planner
 
-    devices = list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
+    from . import multihost as _multihost
+
+    multi = _multihost.spans_processes(mesh)
+    devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()] if mesh is not None else [jax.devices()[0]]
     if memory_budget is not None:
         budget, said, resident = _planner.parse_bytes(memory_budget), "memory_budget=", 0
     else:
         budget = _planner.device_budget(devices)
+        if multi:  # every process must choose the same chunk: the smallest budget of all
+            from jax.experimental import multihost_utils
+
+            every = np.asarray(multihost_utils.process_allgather(np.asarray(-1 if budget is None else budget, np.int64)))
+            budget = None if (every < 0).any() else int(every.min())
         if budget is None:  # the device reports no memory (CPU): the speed heuristic alone
             return preferred
         said = f"{_planner.DEVICE_HEADROOM:.0%} of the free memory {devices[0].device_kind} reports"
@@ -574,9 +597,10 @@ def _planned_chunk(config, params, sweep, run_cache, source, source_stacked, met
 
     def measure(c: int):
         p = plan(sweep, config.n_layers, n_pos, max_offset, c, n_dev, position_buckets)
-        ix = {a: jnp.asarray(np.asarray(v)[p.order[: n_dev * c]].reshape((n_dev, c) + np.shape(v)[1:])) for a, v in sweep.index.items()}
+        put = _multihost.putter(mesh) if multi else (lambda a, sharded: jnp.asarray(a))
+        ix = {a: put(np.asarray(v)[p.order[: n_dev * c]].reshape((n_dev, c) + np.shape(v)[1:]), True) for a, v in sweep.index.items()}
         compiled = _core.lower(config, params, run_ivs, dict(run_cache), source, dict(ctx), ix,
-                               jnp.asarray(p.chunk_start[:n_dev]), jnp.asarray(p.chunk_bucket[:n_dev]), site=sweep.site,
+                               put(p.chunk_start[:n_dev], True), put(p.chunk_bucket[:n_dev], True), site=sweep.site,
                                paired=sweep.joint, source_stacked=source_stacked, offsets=p.offsets, metric=metric,
                                n_pos=n_pos, mesh=mesh).compile()
         return _planner.estimate(compiled, c, len(p.chunk_start) // n_dev, resident)

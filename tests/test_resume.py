@@ -10,11 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 import jaxpatch
-from jaxpatch import resume
+from jaxpatch import resume, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,8 +61,8 @@ def _groups(d: Path) -> list[str]:
 # child mesh -> (chunks the child saved before dying, groups the rerun on one device loads)
 @pytest.mark.parametrize("child_mesh, saved, loaded", [("None", ["chunks_000000_000002.npz"], 1),
                                                         ("'auto'", ["chunks_000000_000008.npz"], 4)])
-def test_sigkill_then_rerun_is_bitwise_identical_and_computes_only_missing_groups(tmp_path, uninterrupted, child_mesh,
-                                                                                  saved, loaded):
+def test_sigkill_then_rerun_is_bitwise_identical_and_computes_only_missing_groups(tmp_path, monkeypatch, uninterrupted,
+                                                                                  child_mesh, saved, loaded):
     env = {**os.environ}
     env.pop("PYTEST_CURRENT_TEST", None)
     proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), child_mesh], cwd=ROOT, env=env,
@@ -70,9 +71,20 @@ def test_sigkill_then_rerun_is_bitwise_identical_and_computes_only_missing_group
     assert _groups(tmp_path) == saved  # killed mid-sweep: one group on disk, no partial files under final names
     assert (tmp_path / "manifest.json").is_file()
 
-    # Rerun with the same arguments (here on one device; the child ran on 1 or 8 devices).
+    # Rerun with the same arguments (here on one device; the child ran on 1 or 8 devices), counting
+    # the chunks the compiled sweep program really runs.
+    ran = []
+
+    def counting_core(*a, **k):
+        if not isinstance(a[7], jax.core.Tracer):  # a dispatch (not the shape-only trace)
+            ran.append(len(a[7]))  # chunks in this dispatch
+        return core(*a, **k)
+
+    core = sweep._core
+    monkeypatch.setattr(sweep, "_core", counting_core)
     res = jaxpatch.activation_patch(model, clean, corrupt, checkpoint_dir=tmp_path, mesh=None, **KW)
     n_groups = 8  # 16 patches in chunks of 1 on one device: 8 groups of 2 chunks
+    assert ran == [2] * (n_groups - loaded)  # only the missing groups ran
     assert resume.last_run == {"groups": n_groups, "loaded": loaded, "computed": n_groups - loaded,
                                "chunks_computed": 16 - 2 * loaded}
     np.testing.assert_array_equal(res.per_prompt, uninterrupted.per_prompt)
@@ -82,6 +94,7 @@ def test_sigkill_then_rerun_is_bitwise_identical_and_computes_only_missing_group
     # A third run computes nothing and still gives the same bits.
     again = jaxpatch.activation_patch(model, clean, corrupt, checkpoint_dir=tmp_path, mesh=None, **KW)
     assert resume.last_run["computed"] == 0 and resume.last_run["loaded"] == n_groups
+    assert ran == [2] * (n_groups - loaded)  # nothing ran
     assert again.per_prompt.tobytes() == uninterrupted.per_prompt.tobytes()
 
 

@@ -1,0 +1,107 @@
+"""Multi-host sweeps (jaxpatch/multihost.py): 2 local processes x 2 CPU devices each, joined by
+``jax.distributed.initialize`` (gloo collectives), run the same ``activation_patch`` sharded over
+all 4 devices; every process gets the whole result, bitwise equal to one process on one device.
+The progress bar is drawn by process 0 only; a checkpoint is written by process 0 and resumed by
+both; processes given different prompts are refused; attribution (not sharded: each process
+computes it alone) gives every process the single-process numbers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jaxpatch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SETUP = """
+import numpy as np, jaxpatch
+cfg = jaxpatch.ModelConfig.gpt2(n_layers=2, d_model=32, n_heads=4, d_vocab=50, n_ctx=16)
+model = jaxpatch.HookedModel.from_config(cfg, seed=0)
+rng = np.random.default_rng(0)
+clean = rng.integers(0, 50, (3, 8)).astype(np.int32)
+corrupt = rng.integers(0, 50, (3, 8)).astype(np.int32)
+KW = dict(site="resid_pre", answer=clean[:, -1], wrong=corrupt[:, -1], chunk_size=1, metrics=("logit_diff", "kl"))
+"""
+
+CHILD = """
+import os, sys
+pid, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+import jax
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
+                           initialization_timeout=120)
+""" + SETUP + """
+from jaxpatch import resume, sweep
+assert (jax.device_count(), jax.local_device_count(), jax.process_count()) == (4, 2, 2)
+assert sweep.default_mesh().size == 4
+shown = jaxpatch.activation_patch(model, clean, corrupt, progress=True, **KW)  # bar on process 0 only
+ckpt = os.path.join(out, "ckpt")
+first = jaxpatch.activation_patch(model, clean, corrupt, checkpoint_dir=ckpt, progress=False, **KW)
+runs = [resume.last_run["computed"], resume.last_run["groups"]]
+again = jaxpatch.activation_patch(model, clean, corrupt, checkpoint_dir=ckpt, progress=False, **KW)
+runs += [resume.last_run["computed"], resume.last_run["loaded"]]
+atp = jaxpatch.attribution_patch(model, clean, corrupt, site="z", method="atp*", answer=KW["answer"], wrong=KW["wrong"])
+other = corrupt.copy()
+other[0, 0] = (other[0, 0] + pid) % 50  # process 1 is given different prompts
+try:
+    jaxpatch.activation_patch(model, clean, other, progress=False, **KW)
+    refused = ""
+except jaxpatch.InputError as e:
+    refused = str(e)
+np.savez(os.path.join(out, f"p{pid}.npz"), atp=atp.per_prompt, shown=shown.per_prompt, first=first.per_prompt,
+         again=again.per_prompt, runs=np.asarray(runs), refused=np.asarray(refused))
+print("CHILD DONE", flush=True)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_bitwise(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env.pop("PYTEST_CURRENT_TEST", None)
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(i), str(port), str(tmp_path)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    logs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=240)
+            logs.append((p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, (rc, out, err) in enumerate(logs):
+        assert rc == 0 and "CHILD DONE" in out, f"process {i}: rc={rc}\n{out[-2000:]}\n{err[-4000:]}"
+
+    ns: dict = {}
+    exec(SETUP, ns)
+    ref = jaxpatch.activation_patch(ns["model"], ns["clean"], ns["corrupt"], mesh=None, **ns["KW"]).per_prompt
+    atp = jaxpatch.attribution_patch(ns["model"], ns["clean"], ns["corrupt"], site="z", method="atp*",
+                                     answer=ns["KW"]["answer"], wrong=ns["KW"]["wrong"])
+    for i in range(2):
+        z = np.load(tmp_path / f"p{i}.npz")
+        for key in ("shown", "first", "again"):  # every process holds the whole result, bitwise
+            assert z[key].tobytes() == ref.tobytes(), (i, key, np.abs(z[key] - ref).max())
+        # attribution runs on each process alone (one forward/backward): the same numbers everywhere
+        assert z["atp"].tobytes() == atp.per_prompt.tobytes()
+        # 16 chunks on 4 devices: 4 groups computed, then all 4 loaded from process 0's checkpoint
+        assert z["runs"].tolist() == [4, 4, 0, 4]
+        assert "different inputs" in str(z["refused"]) and "process(es) [1]" in str(z["refused"])
+    bar = "sweep blocks.hook_resid_pre"
+    assert bar in logs[0][2] and "/16 " in logs[0][2]  # one bar (16 chunks), on process 0
+    assert bar not in logs[1][2]
+    assert sorted(f.name for f in (tmp_path / "ckpt").iterdir()) == [
+        "chunks_000000_000004.npz", "chunks_000004_000008.npz", "chunks_000008_000012.npz", "chunks_000012_000016.npz",
+        "manifest.json"]
