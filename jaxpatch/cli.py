@@ -265,7 +265,7 @@ def cmd_sweep(args) -> int:
     res = activation_patch(
         model, clean, corrupt, site=args.site, by=by, direction=args.direction, baseline=args.baseline,
         metrics=metrics, answer=answer, wrong=wrong, answer_pos=args.answer_pos, token_labels=tok.labels,
-        checkpoint_dir=ckpt,
+        checkpoint_dir=ckpt, memory_budget=args.memory_budget,
     )
     elapsed = time.perf_counter() - t0
     print(f"{res!r}: {len(clean)} prompt(s) of {clean.shape[1]} tokens, {res.info.get('n_patches')} patches in {elapsed:.2f}s")
@@ -521,6 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true",
                    help="continue the checkpoint in --checkpoint-dir (default PREFIX.checkpoint of --out), computing "
                         "only the missing chunks; a checkpoint of a different sweep is refused")
+    s.add_argument("--memory-budget", metavar="SIZE",
+                   help="memory per device the sweep may use (e.g. 2GiB, 512MB, or bytes): the chunk size is chosen "
+                        "from the compiled program's memory analysis (default: what the device reports; CPUs report "
+                        "nothing)")
     s.set_defaults(func=cmd_sweep)
 
     i = sub.add_parser("info", help="print a model's config and hook sites with shapes",

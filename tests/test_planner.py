@@ -141,3 +141,15 @@ def test_candidates():
     assert planner.candidates(1) == [1]
     assert planner.candidates(16) == [1, 2, 4, 8, 16]
     assert planner.candidates(12) == [1, 2, 4, 8, 12]
+
+
+def test_cli_memory_budget(capsys):
+    from jaxpatch.cli import main
+
+    argv = ["sweep", "default", "--clean", "<bos> cat dog sun red cat dog sun", "--corrupt",
+            "<bos> pen box hot red cat dog sun", "--answer", "red", "--wrong", "pen"]
+    assert main(argv + ["--memory-budget", "4KiB"]) == 2
+    err = capsys.readouterr().err
+    assert "chunk_size=1 needs" in err and "4.00 KiB" in err
+    assert main(argv + ["--memory-budget", "2 parsecs"]) == 2
+    assert "is not a size" in capsys.readouterr().err
