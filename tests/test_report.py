@@ -9,9 +9,11 @@ scales the logit difference but saturates the probability), never from recorded 
 
 import base64
 import contextlib
+import importlib.util
 import io
 import json
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -244,3 +246,32 @@ def test_cli_report_errors(tmp_path):
     f.write_text("")
     code, _, err = _cli(["report", "default", "--out", str(f)])
     assert code == 2 and "Cannot write the report to" in err
+
+# ------------------------------------------------------------------ the paper's lessons (examples)
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _example(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_metrics_lesson(tmp_path):
+    res = _example("paper_metrics").run(tmp_path, n_prompts=N_PROMPTS)
+    sat = [f for f in res["findings"] if f.kind == "saturated_metric"]
+    assert {f.metrics[0] for f in sat} >= {"prob"} and "logit_diff" not in {f.metrics[0] for f in sat}
+    assert [f for f in res["findings"] if f.kind == "metric_disagreement"]
+    assert (tmp_path / "paper_metrics.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_denoise_vs_noise_and_granularity_lessons():
+    r = _example("paper_denoise_vs_noise").run(n_prompts=N_PROMPTS)
+    task = data.load_task()
+    prev, ind = "L{}H{}".format(*task["prev_token_head"]), "L{}H{}".format(*task["induction_head"])
+    assert r["best_resid_cell"] >= 0.9  # one residual cell is a sufficient cross-section
+    assert set(r["sufficient_heads"]) < set(r["necessary_heads"])  # noising needs more of the circuit
+    assert prev in r["necessary_heads"] and prev not in r["sufficient_heads"] and ind in r["necessary_heads"]
+    assert r["layer_attn_out"] >= 0.9 and max(r["single_heads"]) <= r["layer_attn_out"] - 0.2
+    assert r["all_heads_jointly"] >= 0.9

@@ -310,6 +310,20 @@ def disagreement_findings(result: PatchResult, names: list[str], primary: str, t
                    "answer against the contrast token)."),
                 "Check which tokens the patch moves (look at the top logits), and prefer the metric that matches your question.",
                 "caution"))
+        louder = [i for i in np.argsort(-np.abs(fd), kind="stable") if abs(fd[i]) >= threshold and abs(fv[i]) < threshold
+                  and i not in flips][:3]
+        if louder:
+            comps = tuple(names[i] for i in louder)
+            out.append(Finding(
+                "metric_disagreement", "metrics", comps, (m, primary),
+                tuple((f"{n} {m}", _r(fd[i])) for n, i in zip(comps, louder)) + tuple((f"{n} {primary}", _r(fv[i])) for n, i in zip(comps, louder)),
+                f"{m} marks {', '.join(comps)} as important ({', '.join(f'{fd[i]:+.2f}' for i in louder)} of its gap) where "
+                f"{primary} gives {', '.join(f'{fv[i]:+.2f}' for i in louder)}: "
+                + ("a discrete metric is sharp — a small shift of the logits that crosses the top-1 (or a rank) threshold "
+                   "counts as the whole effect." if m in DISCRETE_METRICS else
+                   "the metrics weigh the change differently (the answer's probability alone vs against the contrast token)."),
+                f"Judge importance on {primary}; a component only {m} calls important is a small logit change near a threshold.",
+                "caution"))
         top_m = int(np.argmax(np.abs(fd)))
         if top_m != top_p and abs(fv[top_p]) >= threshold and abs(fv[top_m]) < 0.5 * abs(fv[top_p]):
             out.append(Finding(
