@@ -135,7 +135,7 @@ def eqx_transformer(seed: int = 0):
                 x = b(x)
             return jax.vmap(self.unembed)(jax.vmap(self.ln_f)(x))
 
-    return Transformer(jax.random.PRNGKey(seed))
+    return eqx.filter_jit(Transformer)(jax.random.PRNGKey(seed))  # eager init is slow
 
 
 def tokens(seed: int = 1):

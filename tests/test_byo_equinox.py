@@ -65,16 +65,32 @@ def test_pytree_paths_are_sites(setup):
 def test_patch_any_site_equals_hand_written_forward(setup):
     net, clean, corrupt = setup
     model = byo.from_equinox(net)
-    ref_fn = jax.jit(jax.vmap(lambda t: manual(net, t)))
-    logits, outs = ref_fn(clean)
-    np.testing.assert_allclose(model(clean), logits, **TOL)
-    _, caps = model.run_with_cache(clean)
-    for (layer, part, k) in [(0, "attn", 0), (1, "mlp", 1), (1, None, 2)]:
-        name = f"blocks.{layer}" + (f".{part}" if part else "")
-        np.testing.assert_allclose(caps[name], outs[layer][k], **TOL)
-        src = outs[layer][k]
-        ref = jax.vmap(lambda t, s: manual(net, t, (layer, part, 3, s))[0])(corrupt, src)
-        np.testing.assert_allclose(model(corrupt, model.replace(name, src, dim1=3)), ref, **TOL)
+    patches = [(0, "attn", 0), (1, "mlp", 1), (1, None, 2)]  # (layer, part, index into manual's outputs)
+
+    @jax.jit
+    def reference(clean, corrupt):  # clean outputs and activations, and each patched run, by hand
+        logits, outs = jax.vmap(lambda t: manual(net, t))(clean)
+        patched = [jax.vmap(lambda t, s, l=l, part=part: manual(net, t, (l, part, 3, s))[0])(corrupt, outs[l][k])
+                   for l, part, k in patches]
+        return logits, outs, patched
+
+    logits, outs, patched = reference(clean, corrupt)
+    names = [f"blocks.{l}" + (f".{part}" if part else "") for l, part, _ in patches]
+    out, caps = model.run_with_cache(clean, names)
+    np.testing.assert_allclose(out, logits, **TOL)
+    for (l, _, k), name, ref in zip(patches, names, patched):
+        np.testing.assert_allclose(caps[name], outs[l][k], **TOL)
+        if name != "blocks.1":  # (blocks.1 at position 3 is checked through the sweep below)
+            np.testing.assert_allclose(model(corrupt, model.replace(name, outs[l][k], dim1=3)), ref, **TOL)
+    proj = jax.random.normal(jax.random.PRNGKey(5), (bm.T, bm.V))
+
+    def projection(o):  # a random projection of the whole output: any difference shows
+        return jnp.sum(o * proj[None], axis=(1, 2))
+
+    res = jaxpatch.activation_patch(model, clean, corrupt, site=names, metrics=(projection,),
+                                    patches=[{"site": i, "dim1": 3} for i in range(len(names))])
+    for i, ref in enumerate(patched):
+        np.testing.assert_allclose(res.per_prompt[i, 0], projection(ref), **TOL)
 
 
 def test_sweep_equals_loop_and_compiles_once(setup, monkeypatch):
@@ -107,7 +123,7 @@ def test_atp_equals_finite_differences(setup, x64):
     assert est.axes == ("dim1", "site")
     _, run = model.run_with_cache(corrupt, sites)
     _, src = model.run_with_cache(clean, sites)
-    m0 = np.asarray(logit_diff(model(corrupt)))
+    m0 = est.corrupt[0]  # the run's metric per prompt
     h = 1e-5
     both = lambda s, sign, p: byo.combine(*(model.add(t, (sign * h if t == s else 0.0) * (src[t] - run[t]), dim1=p)  # noqa: E731
                                             for t in sites))  # one edit structure for every patch: one compilation
