@@ -275,3 +275,20 @@ def test_core_needs_neither_flax_nor_equinox():
             "print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_edit_indices_are_checked(setup):
+    """An out-of-range index would wrap to another position: it is an error, as is an axis the
+    site does not have."""
+    model, params, clean, _ = setup
+    v = jnp.zeros((B, T, D))
+    with pytest.raises(jaxpatch.InputError, match=r"pos index \[5\] out of range for site 'embed': valid 0..4"):
+        model(clean, model.replace("embed", v, pos=5))
+    with pytest.raises(jaxpatch.InputError, match=r"layer index \[3\] out of range"):
+        model(clean, model.replace("hidden", v, layer=3))
+    with pytest.raises(jaxpatch.InputError, match="cannot index axis 'head'"):
+        model(clean, model.replace("hidden", v, head=0))
+    with pytest.raises(jaxpatch.InputError, match="not broadcastable"):
+        model(clean, model.replace("hidden", jnp.zeros((B, T, D + 1))))
+    np.testing.assert_allclose(model(clean, model.replace("embed", v, pos=-1)),
+                               model(clean, model.replace("embed", v, pos=T - 1)), **TOL)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._errors import InputError
+from ..interventions import ALL
 from ._site import Scope, SiteEdit, SiteError, SiteInfo, unknown_site_error
 
 
@@ -160,7 +161,8 @@ class Patchable:
             names = tuple(self.site_infos(inputs))
         names = (names,) if isinstance(names, str) else tuple(names)
         ivs = dict(interventions or {})
-        self.check_sites(list(names) + list(ivs), inputs)
+        infos = self.check_sites(list(names) + list(ivs), inputs)
+        check_edits(ivs, infos)
         return self._jit_run(self.params, inputs, ivs, capture=frozenset(names))
 
     # -- interventions (data) ----------------------------------------------------------------
@@ -184,6 +186,29 @@ class Patchable:
     @classmethod
     def zero(cls, name: str, **index):
         return cls.edit(name, value=jnp.zeros((), jnp.float32), **index)
+
+
+def check_edits(edits: Mapping[str, tuple], infos: Mapping[str, SiteInfo]) -> None:
+    """Refuse edits that index an axis the site does not have, or out of range (a wrapped index
+    would patch another position silently). Traced indices are checked where they are built."""
+    for name, es in edits.items():
+        info = infos[name]
+        for e in es:
+            if not isinstance(e, SiteEdit):
+                raise InputError(f"Edits at {name!r} must be SiteEdit s (from model.replace/zero/add/edit); got {type(e).__name__}.")
+            for axis, idx in e.index.items():
+                if axis not in info.axes:
+                    raise InputError(f"Site {name!r} has axes {info.axes}; cannot index axis {axis!r}.")
+                if isinstance(idx, jax.core.Tracer):
+                    continue
+                arr = np.asarray(idx)
+                if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+                    raise InputError(f"{axis} index for site {name!r} must be integers; got dtype {arr.dtype}.")
+                n = info.size(axis)
+                bad = arr[((arr < -n) | (arr >= n)) & (arr != ALL)]
+                if bad.size:
+                    raise InputError(f"{axis} index {sorted(set(bad.tolist()))} out of range for site {name!r}: valid 0..{n - 1} "
+                                     f"(or negative from the end); the site has axes {info.axes}, shape {info.shape}.")
 
 
 def combine(*edits: Mapping[str, tuple] | None) -> dict[str, tuple]:

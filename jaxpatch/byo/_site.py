@@ -227,6 +227,8 @@ class Scope:
 
 def _check_axes(name, x, axes, batched_outside: bool) -> tuple[str, ...]:
     if axes is None:  # dim<k>: the k-th axis counting the batch axis as 0
+        if not batched_outside and x.ndim == 0:
+            raise SiteError(f"Site {name!r} is a scalar; a site of a batched model needs a leading 'batch' axis.")
         if batched_outside:
             return tuple(f"dim{i + 1}" for i in range(x.ndim))
         return ("batch",) + tuple(f"dim{i}" for i in range(1, x.ndim))
