@@ -190,12 +190,51 @@ def test_duplicate_site_name_is_an_error():
         byo.patchable(g, {}).sites(jnp.ones((2, 3)))
 
 
-def test_site_inside_the_models_own_vmap_is_an_error():
-    def f(params, x):
-        return jax.vmap(lambda r: jaxpatch.site("row", r, axes=("d",)))(x)
+def test_site_inside_the_models_own_vmap(x64):
+    """A site inside the model's own jax.vmap (nested too) is seen whole, mapped axes first:
+    capture, replace and AtP (gradients through custom_vmap) against hand-written versions."""
+    w = jax.random.normal(jax.random.PRNGKey(0), (3, 4)).astype(jnp.float64)
 
-    with pytest.raises(byo.SiteError, match="'row' was reached inside a transformation"):
+    def f(w, x):  # x [batch, rows, 3]: maps over batch, then rows
+        h = jax.vmap(jax.vmap(lambda r: jaxpatch.site("row", jnp.tanh(r @ w))))(x)
+        return jnp.sum(h ** 2, axis=1)  # [batch, 4]
+
+    def by_hand(w, x, row=None, value=None):
+        h = jnp.tanh(jnp.einsum("brd,de->bre", x, w))
+        if row is not None:
+            h = h.at[:, row].set(value[:, row])
+        return jnp.sum(h ** 2, axis=1), h
+
+    model = byo.patchable(f, w)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 3)).astype(jnp.float64)
+    xc = -x[::-1]
+    assert model.sites(x) == {"row": (("batch", "dim1", "dim2"), (2, 5, 4))}
+    _, caps = model.run_with_cache(x)
+    _, h = by_hand(w, x)
+    np.testing.assert_allclose(caps["row"], h, rtol=1e-12)
+    np.testing.assert_allclose(model(xc, model.replace("row", h, dim1=3)), by_hand(w, xc, 3, h)[0], rtol=1e-12)
+    metric = lambda o: o[:, 0] - o[:, 1]  # noqa: E731
+    est = jaxpatch.attribution_patch(model, x, xc, site="row", by=("dim1",), metric=metric)
+    hc = by_hand(w, xc)[1]
+    for r in range(5):
+        eps = 1e-6
+        up = metric(by_hand(w, xc, r, hc + eps * (h - hc))[0])
+        down = metric(by_hand(w, xc, r, hc - eps * (h - hc))[0])
+        np.testing.assert_allclose(est.per_prompt[r, 0] - est.corrupt[0], (up - down) / (2 * eps), rtol=1e-6, atol=1e-9)
+
+
+def test_site_inside_other_transformations_is_an_error():
+    def f(params, x):
+        return jax.checkpoint(lambda r: jaxpatch.site("h", r))(x)
+
+    with pytest.raises(byo.SiteError, match="'h' was reached inside a transformation"):
         byo.patchable(f, {}).sites(jnp.ones((2, 3)))
+
+    def g(params, x):  # jax.lax.scan instead of jaxpatch.scan
+        return jax.lax.scan(lambda c, _: (jaxpatch.site("h", c), None), x, length=2)[0]
+
+    with pytest.raises(byo.SiteError, match="use jaxpatch.scan|jaxpatch.scan"):
+        byo.patchable(g, {}).sites(jnp.ones((2, 3)))
 
 
 def test_axes_must_fit():

@@ -7,8 +7,8 @@ in a :class:`_Sited` module whose ``__call__`` routes the output through the jax
 
 Equinox layers take one example; by default jaxpatch vmaps the model over the batch itself
 (``batched=False``), so module outputs are sites with a leading ``batch`` axis. A submodule the
-model calls inside its own ``jax.vmap`` (e.g. an MLP vmapped over positions) is not a site: the
-error for it says so; address the module that calls it.
+model calls inside its own ``jax.vmap`` (a ``Linear`` mapped over positions) is a site too, with
+the mapped axis after ``batch`` (``[batch, pos, d_out]``; see :mod:`jaxpatch.byo._site`).
 
 equinox is imported lazily: the core install does not need it.
 """
@@ -95,7 +95,7 @@ def from_equinox(model, *, call: Callable | None = None, batched: bool = False,
         call: ``(model, inputs) -> outputs``; default ``model(inputs)``.
         batched: ``False`` (default): ``call`` takes one example and jaxpatch vmaps it over the
             batch, so sites have a leading ``batch`` axis added; ``True``: ``call`` takes the batch
-            (e.g. ``lambda m, x: jax.vmap(m)(x)`` is then *not* allowed for sites inside it).
+            (e.g. ``lambda m, x: jax.vmap(m)(x)``: the batch is then the mapped axis of each site).
         axes: pytree-path pattern -> axis names as the module sees them (without ``batch`` when
             ``batched=False``); others get ``dim1, dim2...`` after ``batch``.
         output: optional selector of the array metrics read from the outputs.

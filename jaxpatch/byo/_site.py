@@ -9,10 +9,15 @@ between calls: the interventions travel as arguments, as in the built-in models.
 
 Layers as data. :func:`scan` is a drop-in for ``jax.lax.scan`` over stacked layers. Inside it,
 each site gets a leading ``layer`` axis: edits select layers by comparing the (traced) iteration
-index, and captures come out of the scan as stacked outputs. A site reached inside any other
-transformation the model applies itself (its own ``jax.vmap``, ``jax.lax.scan``,
-``jax.checkpoint``...) would hand back values of a trace that has ended, so it is an error naming
-the site, never a silently wrong or missing value.
+index, and captures come out of the scan as stacked outputs.
+
+The model's own ``jax.vmap``. A site reached inside it (an Equinox linear layer mapped over
+positions, ``jax.vmap(lambda r: site("row", r))``) is handed to the scope through
+``jax.custom_batching.custom_vmap``, whose rule sees the whole mapped array at the trace outside
+the vmap: the site has the mapped axis first (``[pos, d_mlp]``), edits and captures work, and
+gradients flow (AtP). A site reached inside any other transformation the model applies itself
+(its own ``jax.lax.scan``, ``jax.checkpoint``...) would hand back values of a trace that has ended,
+so it is an error naming the site, never a silently wrong or missing value.
 
 Layout. Each site has *external* axes: ``("layer",)`` inside :func:`scan`, then ``("batch",)``
 where jaxpatch vmaps a per-example model over the batch, then the axes the model code declared.
@@ -29,7 +34,14 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_batching import custom_vmap
 from jax.extend import core as jcore
+
+try:  # to recognise a value of the model's own jax.vmap (no public name in jax 0.10)
+    from jax._src.interpreters.batching import BatchTracer
+except ImportError:  # pragma: no cover - then such sites are refused with an error, as other transformations
+    class BatchTracer:  # type: ignore[no-redef]
+        pass
 
 from .._errors import InputError, JaxpatchError, UnknownSiteError
 from ..interventions import ALL
@@ -178,12 +190,15 @@ class Scope:
         if not isinstance(name, str) or not name:
             raise SiteError(f"A site name must be a non-empty string; got {name!r}.")
         if _trace_state() != self.trace:
+            if isinstance(x, BatchTracer):  # inside the model's own jax.vmap: visit at the level outside it
+                return _escape_vmap(self, name, x, axes, module_output)
             msg = (f"Site {name!r} was reached inside a transformation that the model applies itself "
-                   "(its own jax.vmap, jax.lax.scan, jax.checkpoint...): its values belong to a trace jaxpatch "
-                   "cannot reach. Scan over layers with jaxpatch.scan (a drop-in for jax.lax.scan), let jaxpatch "
-                   "vmap a per-example model (batched=False), or address the module that calls this one.")
+                   "(its own jax.lax.scan, jax.checkpoint, jax.grad...; jax.vmap is supported): its values belong to "
+                   "a trace jaxpatch cannot reach. Scan over layers with jaxpatch.scan (a drop-in for jax.lax.scan), "
+                   "or address the module that calls this one.")
             if module_output and root.discover:
-                root.unaddressable[name] = "reached inside a transformation the model applies itself (e.g. its own jax.vmap)"
+                root.unaddressable[name] = ("reached inside a transformation the model applies itself (its own "
+                                            "jax.lax.scan, jax.checkpoint...)")
                 return x
             raise SiteError(msg)
         if not isinstance(x, (jax.Array, np.ndarray)) or isinstance(x, bool):
@@ -223,6 +238,24 @@ class Scope:
         if name in root.capture:
             self.captured[name] = x
         return x
+
+
+def _escape_vmap(scope: "Scope", name: str, x, axes, module_output: bool):
+    """A site the model reaches inside its own ``jax.vmap``: hand the whole mapped activation to
+    the scope. ``custom_vmap``'s rule runs at the trace outside that vmap with the mapped axis
+    leading, so the site (and its edits and captures) sees the array as the code around the vmap
+    does, e.g. ``[pos, d_mlp]`` for a linear layer mapped over positions. Nested vmaps escape one
+    level per rule. ``axes`` name the escaped array's axes (mapped axis first)."""
+
+    @custom_vmap
+    def identity(a):
+        return a
+
+    @identity.def_vmap
+    def rule(axis_size, in_batched, a):
+        return scope.visit(name, a, axes, module_output=module_output), in_batched[0]
+
+    return identity(x)
 
 
 def _check_axes(name, x, axes, batched_outside: bool) -> tuple[str, ...]:
@@ -308,7 +341,8 @@ def site(name: str, x, axes=None):
         name: the site's name, unique in one forward pass (per layer inside :func:`scan`).
         x: the activation (one array).
         axes: one name per axis of ``x``, ``"batch"`` first (e.g. ``("batch", "pos", "d_model")``);
-            for a per-example model (``batched=False``) the axes without ``batch``. Default:
+            for a per-example model (``batched=False``) the axes without ``batch``. Inside the
+            model's own ``jax.vmap``, name the mapped array's axes, the mapped axis first. Default:
             ``batch``, ``dim1``, ``dim2``...
 
     Returns:
