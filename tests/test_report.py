@@ -96,7 +96,7 @@ def test_findings_are_typed_and_complete(rep):
 def test_findings_stable_across_runs(rep, setup):
     r, _ = rep
     model, clean, corrupt, kw = setup
-    r2 = jaxpatch.report(model, clean, corrupt, budget=_budget_without_neurons(model, clean), **kw)
+    r2 = jaxpatch.report(model, clean, corrupt, budget=_budget_without_neurons(model, clean), figures=False, **kw)
     assert r2.findings == r.findings
     assert json.dumps([f.to_dict() for f in r2.findings]) == json.dumps([f.to_dict() for f in r.findings])
 
@@ -169,8 +169,8 @@ def test_saturated_metric_flagged_and_logit_diff_not(setup):
         p["W_U"], p["b_U"] = model.params["W_U"] * c, model.params["b_U"] * c
         return jaxpatch.HookedModel(model.config, p, name=f"induction model, unembedding x{c}")
 
-    base = jaxpatch.report(model, clean, corrupt, budget=budget, attribution=False, **kw)
-    sharp = jaxpatch.report(scaled(4.0), clean, corrupt, budget=budget, attribution=False, **kw)
+    base = jaxpatch.report(model, clean, corrupt, budget=budget, attribution=False, figures=False, **kw)
+    sharp = jaxpatch.report(scaled(4.0), clean, corrupt, budget=budget, attribution=False, figures=False, **kw)
     sat = sharp.by_kind("saturated_metric")
     assert any(f.metrics[0] == "prob" and "clean_baseline" in f.values for f in sat), [f.message for f in sat]
     assert not [f for f in sat if f.metrics[0] == "logit_diff"]
@@ -183,7 +183,8 @@ def test_budget_plan_printed_first_and_respected(setup, capsys):
     model, clean, corrupt, kw = setup
     plan = make_plan(model.config, clean.shape[0], clean.shape[1], None)
     need = sum(s.cost for s in plan.steps if s.required)
-    r = jaxpatch.report(model, clean, corrupt, budget=need, attribution=False, **{**kw, "verbose": True})
+    r = jaxpatch.report(model, clean, corrupt, budget=need, attribution=False, figures=False, **{**kw, "verbose": True})
+    assert r.figures == [] and "<img" not in r.to_html()
     printed = capsys.readouterr().out
     assert printed.startswith("jaxpatch report plan") and printed.index("SKIPPED") < printed.index("running:")
     assert set(r.results) == {f"coarse.{s}.{d}" for s in ("resid_pre", "attn_out", "mlp_out") for d in ("denoise", "noise")}
@@ -266,8 +267,9 @@ def test_metrics_lesson(tmp_path):
     assert (tmp_path / "paper_metrics.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_denoise_vs_noise_and_granularity_lessons():
-    r = _example("paper_denoise_vs_noise").run(n_prompts=N_PROMPTS)
+def test_denoise_vs_noise_and_granularity_lessons(tmp_path):
+    r = _example("paper_denoise_vs_noise").run(n_prompts=N_PROMPTS, out_dir=tmp_path)
+    assert (tmp_path / "paper_denoise_vs_noise.png").read_bytes().startswith(b"\x89PNG")
     task = data.load_task()
     prev, ind = "L{}H{}".format(*task["prev_token_head"]), "L{}H{}".format(*task["induction_head"])
     assert r["best_resid_cell"] >= 0.9  # one residual cell is a sufficient cross-section

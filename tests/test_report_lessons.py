@@ -51,7 +51,7 @@ def test_report_reads_the_gates(name, kind):
     plan = make_plan(model.config, 16, clean.shape[1], None)
     budget = sum(s.cost for s in plan.steps if s.required)
     rep = jaxpatch.report(model, clean, corrupt, answer=answer, wrong=wrong, token_labels=gates.VOCAB, budget=budget,
-                          attribution=False, verbose=False)
+                          attribution=False, verbose=False, figures=False)
     found = {f.components[0] for f in rep.by_kind(kind) if f.components[0].startswith("resid_pre")}
     assert found == {"resid_pre L0 @1:A", "resid_pre L0 @3:B"}, rep.summary()
     other = "sufficient_not_necessary" if kind == "necessary_not_sufficient" else "necessary_not_sufficient"
@@ -59,8 +59,9 @@ def test_report_reads_the_gates(name, kind):
     assert ("AND" in rep.by_kind(kind)[0].message) == (name == "and_gate")
 
 
-def test_backup_lesson():
-    res = _example("paper_backup").run(n_prompts=16)["zero"]
+def test_backup_lesson(tmp_path):
+    res = _example("paper_backup").run(n_prompts=16, out_dir=tmp_path)["zero"]
+    assert (tmp_path / "paper_backup.png").read_bytes().startswith(b"\x89PNG")
     clean = res["clean"]
     assert abs(res["primary"]) < 0.1 * clean and abs(res["backup"]) < 0.1 * clean  # each alone: compensated
     assert res["both"] <= -0.5 * clean  # together: the answer is gone

@@ -150,6 +150,7 @@ def report(
     title: str | None = None,
     verbose: bool = True,
     chunk_size: int | None = None,
+    figures: bool = True,
 ) -> Report:
     """Run the paper's patching workflow and return (and with ``out=``, write) a guided report.
 
@@ -172,6 +173,8 @@ def report(
         title: the page title.
         verbose: print the plan first, and each step as it runs.
         chunk_size: passed to the sweeps.
+        figures: draw the figures (``False``: findings and results only, for programmatic use;
+            the HTML page then has no figures).
 
     Returns:
         a :class:`Report`.
@@ -189,18 +192,19 @@ def report(
 
     primary = extras["primary"]
     names = extras["names"]
-    figs = [G.coarse(results, primary)]
-    if "heads.denoise" in results:
+    figs = [G.coarse(results, primary)] if figures else []
+    if figures and "heads.denoise" in results:
         figs.append(G.heads(results, primary))
-    for fig in (G.head_pos(results, names, extras["top_heads"], primary), G.qkv(results, extras["top_heads"], primary),
-                G.neurons(results, names, primary)):
-        if fig is not None:
-            figs.append(fig)
-    figs.append(G.metrics_side_by_side(results["coarse.resid_pre.denoise"], extras["metrics"], "coarse.resid_pre.denoise"))
-    for fig in (G.directions(results, names, primary, threshold), G.spread(results, names, primary, threshold),
-                G.attribution(results, extras["attribution"], primary)):
-        if fig is not None:
-            figs.append(fig)
+    if figures:
+        for fig in (G.head_pos(results, names, extras["top_heads"], primary), G.qkv(results, extras["top_heads"], primary),
+                    G.neurons(results, names, primary)):
+            if fig is not None:
+                figs.append(fig)
+        figs.append(G.metrics_side_by_side(results["coarse.resid_pre.denoise"], extras["metrics"], "coarse.resid_pre.denoise"))
+        for fig in (G.directions(results, names, primary, threshold), G.spread(results, names, primary, threshold),
+                    G.attribution(results, extras["attribution"], primary)):
+            if fig is not None:
+                figs.append(fig)
     prompt_text: tuple = ()
     if token_labels is not None:
         def words(ids):

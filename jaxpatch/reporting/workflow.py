@@ -254,11 +254,15 @@ def run(model: HookedModel, clean, corrupt, *, answer, wrong=None, answer_pos=-1
     roles = {}
     extras: dict = {"baselines": baselines, "primary": primary, "metrics": metrics, "top_heads": top_heads}
     if plan.included("roles"):
-        _, caps = model.run(clean_t, capture=("blocks.attn.hook_pattern",))
-        pattern = np.asarray(caps["blocks.attn.hook_pattern"], np.float32)
-        scores = F.head_scores(pattern, np.asarray(clean_t))
-        roles = F.head_roles(scores)
-        extras["head_scores"] = scores
+        try:
+            _, caps = model.run(clean_t, capture=("blocks.attn.hook_pattern",))
+        except JaxpatchError as e:  # a family without the pattern site: no roles, said in the info
+            extras["head_scores_error"] = str(e)
+        else:
+            pattern = np.asarray(caps["blocks.attn.hook_pattern"], np.float32)
+            scores = F.head_scores(pattern, np.asarray(clean_t))
+            roles = F.head_roles(scores)
+            extras["head_scores"] = scores
         used += 1
     if plan.included("head_pos") and top_heads:
         say("running: top heads by position")
