@@ -28,24 +28,59 @@ _ST_DTYPES = {
 }
 
 
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Read every tensor of a ``.safetensors`` file as NumPy (memory-mapped; bfloat16 included)."""
+def _tensor_entries(path: Path):
+    """``(data offset, [(name, dtype, shape, start, end)])`` from a ``.safetensors`` header
+    (offsets relative to the data section)."""
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(n))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"Cannot read safetensors file {str(path)!r}: {e}") from None
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if os.path.getsize(path) > 8 + n else np.zeros(0, np.uint8)
-    out = {}
+    entries = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
         if info["dtype"] not in _ST_DTYPES:
             raise CheckpointError(f"Tensor {name!r} in {str(path)!r} has unsupported dtype {info['dtype']}.")
-        start, end = info["data_offsets"]
-        out[name] = np.frombuffer(data[start:end], dtype=_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
-    return out
+        entries.append((name, _ST_DTYPES[info["dtype"]], tuple(info["shape"]), *info["data_offsets"]))
+    return 8 + n, entries
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Read every tensor of a ``.safetensors`` file as NumPy (memory-mapped; bfloat16 included)."""
+    offset, entries = _tensor_entries(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=offset) if os.path.getsize(path) > offset else np.zeros(0, np.uint8)
+    return {name: np.frombuffer(data[start:end], dtype=dt).reshape(shape) for name, dt, shape, start, end in entries}
+
+
+class LazyTensor:
+    """One safetensors tensor, read from disk (a fresh buffer, not a memory map) only when
+    converted with ``np.asarray``; ``shape``, ``dtype`` and ``size`` need no read."""
+
+    __slots__ = ("path", "name", "dtype", "shape", "start", "end")
+
+    def __init__(self, path: Path, name: str, dtype, shape, start: int, end: int):
+        self.path, self.name, self.dtype, self.shape, self.start, self.end = path, name, np.dtype(dtype), tuple(shape), start, end
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def __array__(self, dtype=None, copy=None):
+        buf = np.empty(self.end - self.start, np.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self.start)
+            if f.readinto(memoryview(buf)) != buf.size:
+                raise CheckpointError(f"Tensor {self.name!r} is truncated in {str(self.path)!r}.")
+        a = buf.view(self.dtype).reshape(self.shape)
+        return a if dtype is None else a.astype(dtype)
+
+
+def index_safetensors(path: Path) -> dict[str, LazyTensor]:
+    """Every tensor of a ``.safetensors`` file as a :class:`LazyTensor` (nothing read yet)."""
+    offset, entries = _tensor_entries(path)
+    return {name: LazyTensor(path, name, dt, shape, offset + start, offset + end) for name, dt, shape, start, end in entries}
 
 
 def resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
@@ -82,48 +117,6 @@ def resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
         f"model.safetensors, or fetch the model into the cache on a machine with network access "
         f"(e.g. `huggingface-cli download {name}`)."
     )
-
-
-class LazyTensor:
-    """One safetensors tensor, read from disk (a fresh buffer, not a memory map) only when
-    converted with ``np.asarray``; ``shape``, ``dtype`` and ``size`` need no read."""
-
-    __slots__ = ("path", "name", "dtype", "shape", "start", "end")
-
-    def __init__(self, path: Path, name: str, dtype, shape, start: int, end: int):
-        self.path, self.name, self.dtype, self.shape, self.start, self.end = path, name, np.dtype(dtype), tuple(shape), start, end
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
-    def __array__(self, dtype=None, copy=None):
-        buf = np.empty(self.end - self.start, np.uint8)
-        with open(self.path, "rb") as f:
-            f.seek(self.start)
-            if f.readinto(memoryview(buf)) != buf.size:
-                raise CheckpointError(f"Tensor {self.name!r} is truncated in {str(self.path)!r}.")
-        a = buf.view(self.dtype).reshape(self.shape)
-        return a if dtype is None else a.astype(dtype)
-
-
-def index_safetensors(path: Path) -> dict[str, LazyTensor]:
-    """Every tensor of a ``.safetensors`` file as a :class:`LazyTensor` (nothing read yet)."""
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"Cannot read safetensors file {str(path)!r}: {e}") from None
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _ST_DTYPES:
-            raise CheckpointError(f"Tensor {name!r} in {str(path)!r} has unsupported dtype {info['dtype']}.")
-        start, end = info["data_offsets"]
-        out[name] = LazyTensor(path, name, _ST_DTYPES[info["dtype"]], info["shape"], 8 + n + start, 8 + n + end)
-    return out
 
 
 def read_checkpoint(directory: Path, lazy: bool = False) -> tuple[dict, dict[str, np.ndarray]]:
