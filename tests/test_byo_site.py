@@ -331,3 +331,32 @@ def test_edit_indices_are_checked(setup):
         model(clean, model.replace("hidden", jnp.zeros((B, T, D + 1))))
     np.testing.assert_allclose(model(clean, model.replace("embed", v, pos=-1)),
                                model(clean, model.replace("embed", v, pos=T - 1)), **TOL)
+
+
+def test_atp_noise_direction_equals_finite_differences(setup, x64):
+    """Noising: the clean run, corrupted activations patched in."""
+    _, params, clean, corrupt = setup
+    model = byo.patchable(apply, jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params))
+    est = jaxpatch.attribution_patch(model, clean, corrupt, site="resid_pre", by=("layer", "pos"), direction="noise",
+                                     metric=logit_diff)
+    _, run = model.run_with_cache(clean, ["resid_pre"])
+    _, src = model.run_with_cache(corrupt, ["resid_pre"])
+    d, h = src["resid_pre"] - run["resid_pre"], 1e-5
+    for l, p in [(0, 0), (2, 4)]:
+        up = np.asarray(logit_diff(model(clean, model.add("resid_pre", h * d, layer=l, pos=p))))
+        down = np.asarray(logit_diff(model(clean, model.add("resid_pre", -h * d, layer=l, pos=p))))
+        np.testing.assert_allclose(est.per_prompt[l, p, 0] - est.clean[0], (up - down) / (2 * h), rtol=1e-6, atol=1e-8)
+
+
+def test_non_finite_patched_runs_are_reported(setup):
+    """A patch that makes the output NaN is an error naming the patch, never a NaN in a table."""
+    model, params, clean, corrupt = setup
+
+    def fragile(params, toks):  # log of the hidden state: NaN where a patch makes it negative
+        x = jaxpatch.site("h", params["emb"][toks] ** 2 + 1.0, axes=AX)
+        return jnp.einsum("btd,dv->btv", jnp.log(x), params["out"])
+
+    m = byo.patchable(fragile, params)
+    with pytest.raises(jaxpatch.NonFiniteError, match=r"1 patched run\(s\) gave NaN or inf.*\{'pos': 4\}"):
+        jaxpatch.activation_patch(m, clean, None, site="h", direction="noise", baseline="zero",
+                                  patches=[{"pos": 1}, {"pos": 4}], metrics=(logit_diff,))  # zero at the read position
