@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -21,9 +22,28 @@ import jaxpatch
 ROOT = Path(__file__).resolve().parent.parent
 
 SETUP = """
+import os
+import jax.numpy as jnp
 import numpy as np, jaxpatch
+
+
+def load_model(cfg):
+    \"\"\"Random weights (seed 0), read from $JAXPATCH_TEST_WEIGHTS when the parent wrote them (random
+    init is dozens of small eager compiles: seconds per process).\"\"\"
+    path = os.environ.get("JAXPATCH_TEST_WEIGHTS")
+    if not path:
+        return jaxpatch.HookedModel.from_config(cfg, seed=0)
+    params = {}
+    with np.load(path) as z:
+        for key in z.files:
+            *outer, leaf = key.split("/")
+            d = params
+            for k in outer:
+                d = d.setdefault(k, {})
+            d[leaf] = jnp.asarray(z[key])
+    return jaxpatch.HookedModel(cfg, params)
 cfg = jaxpatch.ModelConfig.gpt2(n_layers=2, d_model=32, n_heads=4, d_vocab=50, n_ctx=16)
-model = jaxpatch.HookedModel.from_config(cfg, seed=0)
+model = load_model(cfg)
 rng = np.random.default_rng(0)
 clean = rng.integers(0, 50, (3, 8)).astype(np.int32)
 corrupt = rng.integers(0, 50, (3, 8)).astype(np.int32)
@@ -40,13 +60,13 @@ jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processe
 from jaxpatch import resume, sweep
 assert (jax.device_count(), jax.local_device_count(), jax.process_count()) == (4, 2, 2)
 assert sweep.default_mesh().size == 4
-shown = jaxpatch.activation_patch(model, clean, corrupt, progress=True, **KW)  # bar on process 0 only
+plain = jaxpatch.activation_patch(model, clean, corrupt, progress=False, **KW)
 ckpt = os.path.join(out, "ckpt")
-first = jaxpatch.activation_patch(model, clean, corrupt, checkpoint_dir=ckpt, progress=False, **KW)
+first = jaxpatch.activation_patch(model, clean, corrupt, checkpoint_dir=ckpt, progress=True, **KW)  # bar: process 0
 runs = [resume.last_run["computed"], resume.last_run["groups"]]
 again = jaxpatch.activation_patch(model, clean, corrupt, checkpoint_dir=ckpt, progress=False, **KW)
 runs += [resume.last_run["computed"], resume.last_run["loaded"]]
-atp = jaxpatch.attribution_patch(model, clean, corrupt, site="z", method="atp*", answer=KW["answer"], wrong=KW["wrong"])
+atp = jaxpatch.attribution_patch(model, clean, corrupt, site="z", method="atp", answer=KW["answer"], wrong=KW["wrong"])
 other = corrupt.copy()
 other[0, 0] = (other[0, 0] + pid) % 50  # process 1 is given different prompts
 try:
@@ -54,7 +74,7 @@ try:
     refused = ""
 except jaxpatch.InputError as e:
     refused = str(e)
-np.savez(os.path.join(out, f"p{pid}.npz"), atp=atp.per_prompt, shown=shown.per_prompt, first=first.per_prompt,
+np.savez(os.path.join(out, f"p{pid}.npz"), atp=atp.per_prompt, plain=plain.per_prompt, first=first.per_prompt,
          again=again.per_prompt, runs=np.asarray(runs), refused=np.asarray(refused))
 print("CHILD DONE", flush=True)
 """
@@ -68,7 +88,12 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_bitwise(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    ns: dict = {}
+    exec(SETUP, ns)
+    flat = jax.tree_util.tree_flatten_with_path(ns["model"].params)[0]
+    np.savez(tmp_path / "w.npz", **{"/".join(k.key for k in kp): np.asarray(v) for kp, v in flat})
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "JAXPATCH_TEST_WEIGHTS": str(tmp_path / "w.npz")}
     env.pop("PYTEST_CURRENT_TEST", None)
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(i), str(port), str(tmp_path)], cwd=ROOT, env=env,
@@ -85,14 +110,12 @@ def test_two_processes_equal_one_process_bitwise(tmp_path):
     for i, (rc, out, err) in enumerate(logs):
         assert rc == 0 and "CHILD DONE" in out, f"process {i}: rc={rc}\n{out[-2000:]}\n{err[-4000:]}"
 
-    ns: dict = {}
-    exec(SETUP, ns)
     ref = jaxpatch.activation_patch(ns["model"], ns["clean"], ns["corrupt"], mesh=None, **ns["KW"]).per_prompt
-    atp = jaxpatch.attribution_patch(ns["model"], ns["clean"], ns["corrupt"], site="z", method="atp*",
+    atp = jaxpatch.attribution_patch(ns["model"], ns["clean"], ns["corrupt"], site="z", method="atp",
                                      answer=ns["KW"]["answer"], wrong=ns["KW"]["wrong"])
     for i in range(2):
         z = np.load(tmp_path / f"p{i}.npz")
-        for key in ("shown", "first", "again"):  # every process holds the whole result, bitwise
+        for key in ("plain", "first", "again"):  # every process holds the whole result, bitwise
             assert z[key].tobytes() == ref.tobytes(), (i, key, np.abs(z[key] - ref).max())
         # attribution runs on each process alone (one forward/backward): the same numbers everywhere
         assert z["atp"].tobytes() == atp.per_prompt.tobytes()

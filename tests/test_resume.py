@@ -21,9 +21,28 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The sweep both the killed child and this process run (same weights, prompts and arguments).
 SETUP = """
+import os
+import jax.numpy as jnp
 import numpy as np, jaxpatch
+
+
+def load_model(cfg):
+    \"\"\"Random weights (seed 0), read from $JAXPATCH_TEST_WEIGHTS when the parent wrote them (random
+    init is dozens of small eager compiles: seconds per process).\"\"\"
+    path = os.environ.get("JAXPATCH_TEST_WEIGHTS")
+    if not path:
+        return jaxpatch.HookedModel.from_config(cfg, seed=0)
+    params = {}
+    with np.load(path) as z:
+        for key in z.files:
+            *outer, leaf = key.split("/")
+            d = params
+            for k in outer:
+                d = d.setdefault(k, {})
+            d[leaf] = jnp.asarray(z[key])
+    return jaxpatch.HookedModel(cfg, params)
 cfg = jaxpatch.ModelConfig.gpt2(n_layers=2, d_model=32, n_heads=4, d_vocab=50, n_ctx=16)
-model = jaxpatch.HookedModel.from_config(cfg, seed=0)
+model = load_model(cfg)
 rng = np.random.default_rng(0)
 clean = rng.integers(0, 50, (3, 8)).astype(np.int32)
 corrupt = rng.integers(0, 50, (3, 8)).astype(np.int32)
@@ -49,6 +68,18 @@ exec(SETUP, ns)
 model, clean, corrupt, KW = ns["model"], ns["clean"], ns["corrupt"], ns["KW"]
 
 
+def write_weights(m, path) -> str:
+    """``m``'s weights as an npz of ``outer/leaf`` keys (read back by SETUP's ``load_model``)."""
+    flat = jax.tree_util.tree_flatten_with_path(m.params)[0]
+    np.savez(path, **{"/".join(k.key for k in kp): np.asarray(v) for kp, v in flat})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return write_weights(model, tmp_path_factory.mktemp("weights") / "w.npz")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted():
     return jaxpatch.activation_patch(model, clean, corrupt, mesh=None, **KW)
@@ -62,8 +93,8 @@ def _groups(d: Path) -> list[str]:
 @pytest.mark.parametrize("child_mesh, saved, loaded", [("None", ["chunks_000000_000002.npz"], 1),
                                                         ("'auto'", ["chunks_000000_000008.npz"], 4)])
 def test_sigkill_then_rerun_is_bitwise_identical_and_computes_only_missing_groups(tmp_path, monkeypatch, uninterrupted,
-                                                                                  child_mesh, saved, loaded):
-    env = {**os.environ}
+                                                                                  weights, child_mesh, saved, loaded):
+    env = {**os.environ, "JAXPATCH_TEST_WEIGHTS": weights}
     env.pop("PYTEST_CURRENT_TEST", None)
     proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), child_mesh], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
