@@ -214,6 +214,8 @@ def test_site_inside_the_models_own_vmap(x64):
     np.testing.assert_allclose(caps["row"], h, rtol=1e-12)
     np.testing.assert_allclose(model(xc, model.replace("row", h, dim1=3)), by_hand(w, xc, 3, h)[0], rtol=1e-12)
     metric = lambda o: o[:, 0] - o[:, 1]  # noqa: E731
+    res = jaxpatch.activation_patch(model, x, xc, site="row", by=("dim1",), metrics=(metric,))
+    np.testing.assert_allclose(res.values(), [np.mean(metric(by_hand(w, xc, r, h)[0])) for r in range(5)], rtol=1e-12)
     est = jaxpatch.attribution_patch(model, x, xc, site="row", by=("dim1",), metric=metric)
     hc = by_hand(w, xc)[1]
     for r in range(5):
