@@ -53,9 +53,10 @@ def test_circuits_full_empty_nodes_and_loop(family):
     want = _logit_diff(m, clean, ans, wrong, ivs)
     assert np.abs(want - c).max() > 1e-3
     np.testing.assert_allclose(r.per_prompt[2, 0], want, atol=tol, rtol=0)
-    for i in (3, 4):
-        one = circuits.evaluate_circuit(m, clean, corrupt, masks[i], answer=ans, wrong=wrong)
-        np.testing.assert_allclose(r.per_prompt[i], one.per_prompt[0], atol=tol, rtol=0)
+    if family == "gpt2":  # the slow twin (one more compile per family; GQA and parallel share the code)
+        for i in (3, 4):
+            one = circuits.evaluate_circuit(m, clean, corrupt, masks[i], answer=ans, wrong=wrong)
+            np.testing.assert_allclose(r.per_prompt[i], one.per_prompt[0], atol=tol, rtol=0)
     assert np.ptp(r.values()) > 1e-2  # different circuits give different answers
     assert list(r.n_edges[:2]) == [g.valid.sum(), 0] and r.n_valid == g.valid.sum()
     assert list(r.to_dataframe()["circuit"]) == ["full", "empty", "keep", "r0", "r1"]

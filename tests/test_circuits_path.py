@@ -5,13 +5,15 @@ residual stream; (2) run again with those replaced. Both directions, q/k/v/MLP/l
 GPT-2 and a Llama-style grouped-query rotary model; the embedded induction model's
 previous-token -> induction-key path; errors."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxpatch
-from jaxpatch import circuits, data
+from jaxpatch import circuits, data, models
 from tests.test_attribution import prompts, to64
 
 LLAMA = jaxpatch.ModelConfig(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=61, n_ctx=16,
@@ -21,10 +23,16 @@ LLAMA = jaxpatch.ModelConfig(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=
 GPT2 = jaxpatch.ModelConfig.gpt2(n_layers=3, d_model=32, n_heads=4, d_vocab=61, n_ctx=16)
 
 
+@functools.cache
+def _params(cfg, scale):
+    # built once per process, as float32 NumPy arrays (eager initialisation is slow, and it
+    # recompiles under x64)
+    params = jax.jit(models.init_params, static_argnums=(0, 2))(cfg, jax.random.PRNGKey(1), jnp.float32)
+    return jax.tree_util.tree_map(lambda a: np.asarray(a * scale if a.ndim >= 2 else a, np.float32), params)
+
+
 def _model(cfg, scale=3.0):
-    m = jaxpatch.HookedModel.from_config(cfg, seed=1)
-    m.params = jax.tree_util.tree_map(lambda a: a * scale if a.ndim >= 2 else a, m.params)
-    return m
+    return jaxpatch.HookedModel(cfg, jax.tree_util.tree_map(jnp.asarray, _params(cfg, scale)))
 
 
 def _parse_sender(name):
@@ -37,9 +45,10 @@ def _parse_sender(name):
 
 
 def reference(m, run, src, senders, receivers, ans, wrong):
-    """The hand-built path-patching value (logit_diff per prompt) of one (senders, receivers) pair."""
+    """The hand-built path-patching value (logit_diff per prompt) of one (senders, receivers) pair.
+    Every call has the same intervention structure (selections are masks), so it compiles once."""
     cfg = m.config
-    L, N = cfg.n_layers, cfg.n_heads
+    L, N, K = cfg.n_layers, cfg.n_heads, cfg.n_kv_heads
     cap = {"blocks.attn.hook_z", "blocks.hook_mlp_out", "hook_embed"}
     _, rc = m.run(run, capture=cap)
     _, sc = m.run(src, capture=cap)
@@ -52,30 +61,32 @@ def reference(m, run, src, senders, receivers, ans, wrong):
             mmask[p[1]] = True
         else:
             emb = True
+    # step 1: every head's z and MLP's output frozen to the run's, the senders' to the source's
     z = jnp.where(jnp.asarray(zmask)[:, None, None, :, None], sc["blocks.attn.hook_z"], rc["blocks.attn.hook_z"])
     mo = jnp.where(jnp.asarray(mmask)[:, None, None, None], sc["blocks.hook_mlp_out"], rc["blocks.hook_mlp_out"])
-    ivs = m.replace("blocks.attn.hook_z", z) + m.replace("blocks.hook_mlp_out", mo)
-    if emb:
-        ivs = ivs + m.replace("hook_embed", sc["hook_embed"])
+    ivs = (m.replace("blocks.attn.hook_z", z) + m.replace("blocks.hook_mlp_out", mo)
+           + m.replace("hook_embed", sc["hook_embed"] if emb else rc["hook_embed"]))
+    pre = ("blocks.mlp.hook_pre", "blocks.mlp.hook_pre_linear") if cfg.gated_mlp else ("blocks.mlp.hook_pre",)
     _, step1 = m.run(run, ivs, capture={"blocks.attn.hook_q", "blocks.attn.hook_k", "blocks.attn.hook_v",
-                                        "blocks.mlp.hook_pre", "blocks.mlp.hook_pre_linear", "blocks.hook_resid_post"}
-                     if cfg.gated_mlp else {"blocks.attn.hook_q", "blocks.attn.hook_k", "blocks.attn.hook_v",
-                                            "blocks.mlp.hook_pre", "blocks.hook_resid_post"})
-    ivs2 = jaxpatch.Interventions()
+                                        "blocks.hook_resid_post", *pre})
+    # step 2: each receiver's activation replaced by its step-1 value
+    sel = {"q": np.zeros((L, N), bool), "k": np.zeros((L, K), bool), "v": np.zeros((L, K), bool)}
+    mlp, final = np.zeros(L, bool), np.zeros(L, bool)
     for r in receivers:
         if r == "logits":
-            ivs2 = ivs2 + m.replace(f"blocks.{L - 1}.hook_resid_post", step1["blocks.hook_resid_post"][L - 1])
+            final[L - 1] = True
         elif r.endswith(".in"):
-            layer = int(r[3:-3])
-            ivs2 = ivs2 + m.replace(f"blocks.{layer}.mlp.hook_pre", step1["blocks.mlp.hook_pre"][layer])
-            if cfg.gated_mlp:
-                ivs2 = ivs2 + m.replace(f"blocks.{layer}.mlp.hook_pre_linear", step1["blocks.mlp.hook_pre_linear"][layer])
+            mlp[int(r[3:-3])] = True
         else:
             node, kind = r.split(".")
-            sep = "KV" if "KV" in node else "H"
-            layer, head = (int(x) for x in node[1:].split(sep))
-            site = f"blocks.attn.hook_{kind}"
-            ivs2 = ivs2 + m.replace(f"blocks.{layer}.attn.hook_{kind}", step1[site][layer], head=head)
+            layer, head = (int(x) for x in node[1:].split("KV" if "KV" in node else "H"))
+            sel[kind][layer, head] = True
+    ivs2 = m.replace("blocks.hook_resid_post", step1["blocks.hook_resid_post"], mask=final[:, None, None, None])
+    for kind in "qkv":
+        site = f"blocks.attn.hook_{kind}"
+        ivs2 = ivs2 + m.replace(site, step1[site], mask=sel[kind][:, None, None, :, None])
+    for site in pre:
+        ivs2 = ivs2 + m.replace(site, step1[site], mask=mlp[:, None, None, None])
     lg = np.asarray(m(run, ivs2))[:, -1]
     b = np.arange(len(ans))
     return lg[b, ans] - lg[b, wrong]
@@ -119,16 +130,15 @@ def test_path_patch_equals_the_hand_built_two_step_computation(x64, family, dire
     assert np.mean(np.asarray(effects) > 1e-6) > 0.8 and max(effects) > 1e-2
 
 
-def test_chunked_pairs_equal_one_chunk():
-    m = _model(GPT2)
-    clean, corrupt, ans, wrong = prompts()
-    kw = {"senders": ["L0H0", "L0H1", "MLP0", "L1H2"], "receivers": ["L1H0.q", "L2H1.k", "logits"], "answer": ans,
-              "wrong": wrong, "invalid": "nan"}
-    a = circuits.path_patch(m, clean, corrupt, chunk_size=3, **kw)
+def test_chunked_pairs_equal_one_chunk(x64):
+    cfg, senders, receivers = CASES["gpt2"]  # as above: the one-chunk program is already compiled
+    m = to64(_model(cfg))
+    clean, corrupt, ans, wrong = prompts(positions=(2, 5))
+    kw = {"senders": senders, "receivers": receivers, "answer": ans, "wrong": wrong, "invalid": "nan"}
+    a = circuits.path_patch(m, clean, corrupt, chunk_size=5, **kw)
     b = circuits.path_patch(m, clean, corrupt, **kw)
-    assert a.info["chunk_size"] == 3 and b.info["chunk_size"] == a.info["n_pairs"]
-    # float32: batches of different sizes may round differently
-    np.testing.assert_allclose(a.per_prompt, b.per_prompt, rtol=1e-5, atol=1e-6)
+    assert a.info["chunk_size"] == 5 and b.info["chunk_size"] == a.info["n_pairs"] == 22
+    np.testing.assert_allclose(a.per_prompt, b.per_prompt, rtol=1e-12, atol=1e-13)
 
 
 def test_previous_token_head_to_induction_key_is_the_strongest_path():
@@ -171,6 +181,6 @@ def test_path_patch_errors():
         circuits.path_patch(m, clean, corrupt, senders="L0H1", receivers=["logits"], **kw)
     # parallel attention + MLP: a layer's MLP does not read its own heads
     cfg = jaxpatch.ModelConfig.gpt2(n_layers=2, d_model=16, n_heads=2, d_vocab=61, n_ctx=16, parallel_attn_mlp=True)
-    mp = jaxpatch.HookedModel.from_config(cfg)
+    mp = jaxpatch.HookedModel(cfg, m.params)  # names are checked before any weight is read
     with pytest.raises(jaxpatch.InputError, match="at or before its sender's layer"):
         circuits.path_patch(mp, clean, corrupt, senders=["L0H1"], receivers=["MLP0.in"], **kw)
