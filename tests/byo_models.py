@@ -139,8 +139,7 @@ def eqx_transformer(seed: int = 0):
 
 
 def tokens(seed: int = 1):
-    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
-    clean = jax.random.randint(k1, (B, T), 0, V)
+    clean = jax.random.randint(jax.random.PRNGKey(seed), (B, T), 0, V)
     corrupt = clean.at[:, 1].set((clean[:, 1] + 3) % V).at[:, 3].set((clean[:, 3] + 5) % V)
     return clean, corrupt
 

@@ -321,7 +321,7 @@ def test_core_needs_neither_flax_nor_equinox():
 def test_edit_indices_are_checked(setup):
     """An out-of-range index would wrap to another position: it is an error, as is an axis the
     site does not have."""
-    model, params, clean, _ = setup
+    model, _, clean, _ = setup
     v = jnp.zeros((B, T, D))
     with pytest.raises(jaxpatch.InputError, match=r"pos index \[5\] out of range for site 'embed': valid 0..4"):
         model(clean, model.replace("embed", v, pos=5))
@@ -352,7 +352,7 @@ def test_atp_noise_direction_equals_finite_differences(setup, x64):
 
 def test_non_finite_patched_runs_are_reported(setup):
     """A patch that makes the output NaN is an error naming the patch, never a NaN in a table."""
-    model, params, clean, corrupt = setup
+    _, params, clean, _ = setup
 
     def fragile(params, toks):  # log of the hidden state: NaN where a patch makes it negative
         x = jaxpatch.site("h", params["emb"][toks] ** 2 + 1.0, axes=AX)

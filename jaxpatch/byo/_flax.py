@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 from .._errors import InputError
 from ._model import Patchable
@@ -113,5 +113,3 @@ def from_nnx(model, *, call: Callable | None = None, axes: Mapping[str, tuple] |
 
     return Patchable(fn, state, batched=True, output=output, name=name or type(model).__name__)
 
-
-__all__: list[Any] = ["from_flax", "from_nnx"]

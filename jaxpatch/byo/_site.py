@@ -296,7 +296,7 @@ def _prep(name, a, info: SiteInfo, coords, what):
     if not ok:
         raise InputError(f"{what} for site {name!r} has shape {a.shape}, not broadcastable to the site's shape "
                          f"{info.shape} (axes {info.axes}).")
-    for _, (i, _) in coords.items():
+    for i, _ in coords.values():
         a = a[0] if a.shape[0] == 1 else jax.lax.dynamic_index_in_dim(a, i, axis=0, keepdims=False)
     return a
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import time
 from functools import partial
-from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -363,7 +362,7 @@ def activation_patch(model: Patchable, clean_tokens, corrupt_tokens=None, *, sit
 def _atp_core(params, run_inputs, src_inputs, ctx, *, model, sites, metric_names):
     """The source run's captures, the run's metric, captures and ∂(Σ metric)/∂activation."""
     capture = frozenset(sites)
-    src_out, src_caps, infos, _ = run(model, params, src_inputs, {}, capture)
+    src_out, src_caps, _, _ = run(model, params, src_inputs, {}, capture)
 
     def f(deltas):
         edits = {s: (SiteEdit(delta=d),) for s, d in deltas.items()}
@@ -418,7 +417,7 @@ def attribution_patch(model: Patchable, clean_tokens, corrupt_tokens, *, targets
             raise InputError(f"targets entries must be (site, by) pairs; got {entry!r}.")
         names = _site_list(entry[0])
         infos = model.check_sites(names, clean_tokens)
-        idx, axes, shape = grid(infos, names, entry[1])
+        _, axes, _ = grid(infos, names, entry[1])
         parsed.append((names, axes, infos))
     out_aval = model.output_shape(clean_tokens)
     static_names, consts = _prepare_metrics(names_m, out_aval, B)
@@ -458,4 +457,4 @@ def attribution_patch(model: Patchable, clean_tokens, corrupt_tokens, *, targets
     return results
 
 
-__all__: Sequence[Callable] = [activation_patch, attribution_patch]
+__all__ = ["activation_patch", "attribution_patch"]
