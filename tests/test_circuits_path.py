@@ -6,6 +6,7 @@ GPT-2 and a Llama-style grouped-query rotary model; the embedded induction model
 previous-token -> induction-key path; errors."""
 
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -139,6 +140,13 @@ def test_chunked_pairs_equal_one_chunk(x64):
     b = circuits.path_patch(m, clean, corrupt, **kw)
     assert a.info["chunk_size"] == 5 and b.info["chunk_size"] == a.info["n_pairs"] == 22
     np.testing.assert_allclose(a.per_prompt, b.per_prompt, rtol=1e-12, atol=1e-13)
+    # other senders and receivers of the same counts are data: no new compilation
+    core = sys.modules["jaxpatch.circuits.path_patch"]._pairs_core
+    n = core._cache_size()
+    c = circuits.path_patch(m, clean, corrupt, senders=["L0H0", "MLP0", "L0H3", ("L0H1", "L1H2")],
+                            receivers=["L1H1.q", "L2H2.k", "L2H0.v", "MLP2.in", "logits", ("L1H0.q", "L2H3.k", "MLP1.in")],
+                            answer=ans, wrong=wrong, invalid="nan")
+    assert c.info["n_pairs"] == 22 and core._cache_size() == n
 
 
 def test_previous_token_head_to_induction_key_is_the_strongest_path():
