@@ -72,7 +72,7 @@ def test_pytree_paths_are_sites(setup):
 def test_patch_any_site_equals_hand_written_forward(setup):
     net, clean, corrupt = setup
     model = byo.from_equinox(net)
-    patches = [(0, "attn", 0), (1, "mlp", 1), (1, None, 2)]  # (layer, part, index into manual's outputs)
+    patches = [(0, "attn", 0), (1, None, 2)]  # (layer, part, index into manual's outputs); and fc1 below
 
     @jax.jit
     def reference(clean, corrupt):  # clean outputs and activations, and each patched run, by hand
