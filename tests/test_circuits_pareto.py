@@ -96,3 +96,13 @@ def test_cli_pareto(tmp_path, capsys):
     assert (tmp_path / "p.csv").is_file() and (tmp_path / "p.png").is_file()
     assert main(["pareto", "default", "--rankings", "eap,magic"]) == 2
     assert "unknown ranking" in capsys.readouterr().err
+
+
+def test_exact_edge_scores(setup):
+    m, clean, corrupt, kw = setup
+    g = edges.EdgeGraph.of(m.config)
+    s = circuits.exact_edge_scores(m, clean, corrupt, **kw)
+    assert s.shape == g.valid.shape and np.all(s[~g.valid] == 0) and np.abs(s).max() > 0.1
+    pairs = [("L0H0", "L1H1.k"), ("embed", "logits")]
+    one = edges.exact_edge_patch(m, clean, corrupt, pairs, direction="noise", **kw).mean(-1)
+    np.testing.assert_allclose([s[g.up.index(a), g.down.index(b)] for a, b in pairs], one, atol=1e-5)

@@ -11,6 +11,7 @@ from .evaluate import CircuitResult as CircuitResult
 from .evaluate import evaluate_circuit as evaluate_circuit
 from .pareto import ParetoCurve as ParetoCurve
 from .pareto import ParetoResult as ParetoResult
+from .pareto import exact_edge_scores as exact_edge_scores
 from .pareto import nested_circuits as nested_circuits
 from .pareto import pareto_curve as pareto_curve
 from .pareto import plot_pareto as plot_pareto

@@ -39,7 +39,7 @@ def cmd_pareto(args) -> int:
 
     from .. import cli, data, edges
     from ..attribution import attribution_patch
-    from .pareto import pareto_curve, plot_pareto
+    from .pareto import exact_edge_scores, pareto_curve, plot_pareto
 
     names = cli._csv(args.rankings, "--rankings")
     bad = [r for r in names if r not in RANKINGS]
@@ -55,15 +55,11 @@ def cmd_pareto(args) -> int:
     if wrong is None:
         raise cli.CLIError("Pareto curves use logit_diff: give 'wrong' on every prompt line (or --wrong)")
     kw = {"answer": answer, "wrong": wrong, "answer_pos": args.answer_pos}
-    g = edges.EdgeGraph.of(model.config)
     t0 = time.perf_counter()
     rankings = {}
     for r in names:
         if r == "exact":
-            pairs = [(g.up[i], g.down[j]) for i, j in np.argwhere(g.valid)]
-            s = np.zeros(g.valid.shape)
-            s[g.valid] = edges.exact_edge_patch(model, clean, corrupt, pairs, direction="noise", **kw).mean(-1)
-            rankings[r] = s
+            rankings[r] = exact_edge_scores(model, clean, corrupt, direction="noise", **kw)
         elif r in ("eap", "eap-ig"):
             rankings[r] = edges.edge_attribution_patch(model, clean, corrupt, direction="noise",
                                                        ig_steps=args.ig_steps if r == "eap-ig" else None, **kw)

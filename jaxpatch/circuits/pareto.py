@@ -130,6 +130,22 @@ def nested_circuits(config: ModelConfig, scores, n_points: int = 20):
     return np.stack(masks), "nodes"
 
 
+def exact_edge_scores(model: HookedModel, clean_tokens, corrupt_tokens, *, direction: str = "noise",
+                      metric="logit_diff", answer=None, wrong=None, answer_pos=-1, attention_mask=None) -> np.ndarray:
+    """Exact edge patching of every valid edge alone (one vectorised call of
+    :func:`jaxpatch.edges.exact_edge_patch`), mean over prompts, as ``[U, V]`` edge scores (0 off
+    the graph): the exact ranking for :func:`pareto_curve`."""
+    from .. import edges
+
+    g = graph_of(model.config)
+    pairs = [(g.up[i], g.down[j]) for i, j in np.argwhere(g.valid)]
+    out = edges.exact_edge_patch(model, clean_tokens, corrupt_tokens, pairs, direction=direction, metric=metric,
+                                 answer=answer, wrong=wrong, answer_pos=answer_pos, attention_mask=attention_mask)
+    s = np.zeros(g.valid.shape)
+    s[g.valid] = np.asarray(out).mean(-1)
+    return s
+
+
 def pareto_curve(model: HookedModel, clean_tokens, corrupt_tokens, rankings: Mapping[str, Any], *,
                  n_points: int = 20, ablation: str = "resample", reference_tokens=None, metric="logit_diff",
                  answer=None, wrong=None, answer_pos=-1, attention_mask=None,

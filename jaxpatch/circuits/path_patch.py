@@ -14,6 +14,10 @@ the embedding) and a receiver set R (heads' query/key/value inputs, MLP inputs, 
    change does not reach another receiver (Wang et al.'s step 3). The metric of this run is the
    pair's value.
 
+A sender's write is its exactly additive contribution to the residual stream (a head's result
+through ``W_O``; on post-norm families, Gemma 2/3, through the post-attention norm at its own run's
+scale: :func:`jaxpatch.models.head_writes`, as for the edge methods), so step 1 needs no third run.
+
 A receiver ``L{l}H{h}.q`` is head h's query input (``.k``/``.v``: the key/value input, per key/value
 head under grouped-query attention, ``L{l}KV{k}.k``), ``MLP{l}.in`` the MLP's input, ``logits``
 the final residual stream. Every receiver must read the stream after every sender of its pair
