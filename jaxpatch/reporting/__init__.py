@@ -14,8 +14,8 @@ interpret activation patching", in one call on the existing engine
 4. denoising vs noising per component (sufficient but not necessary: possible OR/backup;
    necessary but not sufficient: possible AND);
 5. negative components, overshoot, effects carried by a few prompts;
-6. AtP and AtP* beside exact patching for the same sites, the components ranked wrongly listed
-   and patched exactly again.
+6. AtP* (AtP+QK on one-layer models) beside exact patching for the same sites, the components
+   ranked wrongly listed and patched exactly again.
 
 It returns a :class:`Report`: the typed :class:`Finding` s (the same inputs give the same findings),
 the plan, every :class:`~jaxpatch.PatchResult`, and the figures; with ``out=`` it writes a
@@ -168,7 +168,7 @@ def report(
         threshold: the fraction of the clean-corrupt gap from which a component counts as important.
         zoom_heads: how many top heads to zoom into (by position and q/k/v).
         zoom_mlp_layers: how many top MLP layers to patch neuron by neuron.
-        attribution: put AtP and AtP* beside exact patching.
+        attribution: put AtP* (AtP+QK on one-layer models) beside exact patching.
         min_gap: the smallest usable clean-corrupt gap on the primary metric.
         title: the page title.
         verbose: print the plan first, and each step as it runs.

@@ -219,5 +219,8 @@ def attribution(results, att, primary) -> Figure | None:
         a.title.set_fontsize(8)
     for a in axs.reshape(-1)[len(keys):]:
         a.set_visible(False)
-    return Figure("attribution", "attribution", "AtP* estimates (unsigned magnitudes) against the magnitude of exact "
-                  "denoising effects of the same components.", _png(fig))
+    signed = att[keys[0]].info.get("signed", True) is not False
+    method = {"atp*": "AtP*", "atp+qk": "AtP+QK", "atp": "AtP"}.get(str(att[keys[0]].info.get("method")), "attribution")
+    return Figure("attribution", "attribution", f"{method} estimates "
+                  + ("against exact denoising effects" if signed else "(unsigned magnitudes) against the magnitude of exact "
+                     "denoising effects") + " of the same components.", _png(fig))

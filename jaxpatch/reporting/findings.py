@@ -241,7 +241,7 @@ def saturation_findings(result: PatchResult, names: list[str], primary: str, rat
                 _nums(**{f"{where}_baseline": base, "local_slope": local, "average_slope": avg,
                          "slope_ratio": local / avg}, **extra),
                 f"{m} is saturated at the {where} baseline ({m} {base:.3g}, {shape}): there it responds to the logits "
-                f"{local / avg:.2f}x as much as on average across the gap, so patches that move the logits part of the way "
+                f"{local / avg:.2g}x as much as on average across the gap, so patches that move the logits part of the way "
                 f"barely move it and partial effects look like none (or all-or-nothing).{evidence} {primary} is linear in "
                 "the logits and does not saturate.",
                 f"Rank components by {primary}; read {m} as a check of whether the behaviour is fully restored, not of how "

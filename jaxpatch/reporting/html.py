@@ -27,9 +27,10 @@ SECTIONS = (
      "Effects below 0 (the patch moves the model away from the target) and above 1 (beyond the whole gap)."),
     ("spread", "5b. Per-prompt spread",
      "An average effect can be carried by a few prompts."),
-    ("attribution", "6. Attribution (AtP, AtP*) beside exact patching",
-     "Gradient-based attribution ranks every component from one backward pass; the components it ranks wrongly are "
-     "listed and patched exactly again."),
+    ("attribution", "6. Attribution (AtP*) beside exact patching",
+     "Gradient-based attribution ranks every component from a few backward passes (AtP*: the QK fix and GradDrop; "
+     "AtP+QK on one-layer models, where GradDrop is undefined); the components it ranks wrongly are listed and "
+     "patched exactly again."),
     ("plan", "Plan and budget", ""),
 )
 

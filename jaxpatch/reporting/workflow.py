@@ -31,10 +31,15 @@ COARSE_SITES = ("resid_pre", "attn_out", "mlp_out")
 DIRECTIONS = ("denoise", "noise")
 
 
+def attribution_method(n_layers: int) -> str:
+    """AtP*; a one-layer model has no layer to drop, so GradDrop is undefined: AtP+QK (the QK fix only)."""
+    return "atp*" if n_layers >= 2 else "atp+qk"
+
+
 def atp_star_cost(n_layers: int) -> int:
     """AtP*: clean and corrupted forward passes, plus GradDrop's L backward variants and the plain
-    gradient (each backward pass counted as two forward passes)."""
-    return 2 + 2 * (n_layers + 1)
+    gradient (each backward pass counted as two forward passes); AtP+QK: one backward pass."""
+    return 2 + 2 * (n_layers + 1) if n_layers >= 2 else 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +101,8 @@ def make_plan(cfg, n_prompts: int, n_pos: int, budget: int | None, *, zoom_heads
                       sweep(zoom_heads * T)))
     steps.append(Step("qkv", f"zoom: q, k, v of the top {zoom_heads} heads, denoise + noise", 3 * sweep(zoom_heads)))
     if attribution:
-        steps.append(Step("attribution", "attribution: AtP* of heads and coarse sites (denoise)", atp_star_cost(L)))
+        name = {"atp*": "AtP*", "atp+qk": "AtP+QK"}[attribution_method(L)]
+        steps.append(Step("attribution", f"attribution: {name} of heads and coarse sites (denoise)", atp_star_cost(L)))
         steps.append(Step("verify", f"attribution: exact re-check of up to {max_verify} misranked components per site",
                           4 * (max_verify + 2)))
     if cfg.d_mlp:
@@ -292,7 +298,8 @@ def run(model: HookedModel, clean, corrupt, *, answer, wrong=None, answer_pos=-1
     verify: dict[str, dict] = {}
     fs_att: list[F.Finding] = []
     if attribution and plan.included("attribution"):
-        say("running: attribution (AtP*)")
+        method = attribution_method(cfg.n_layers)
+        say(f"running: attribution ({method})")
         targets = [(s, ("layer", "pos")) for s in COARSE_SITES]
         keys = [f"coarse.{s}.denoise" for s in COARSE_SITES]
         if "heads.denoise" in results:
@@ -300,9 +307,9 @@ def run(model: HookedModel, clean, corrupt, *, answer, wrong=None, answer_pos=-1
             keys.append("heads.denoise")
         att_metric = primary
         t0 = time.perf_counter()
-        out = attribution_patch(model, clean_t, corrupt_t, targets=targets, method="atp*", metric=att_metric,
+        out = attribution_patch(model, clean_t, corrupt_t, targets=targets, method=method, metric=att_metric,
                                 answer=ans, wrong=kw["wrong"], answer_pos=apos, token_labels=token_labels)
-        timings["attribution.atp*"] = time.perf_counter() - t0
+        timings[f"attribution.{method}"] = time.perf_counter() - t0
         for (site, by), key in zip(targets, keys):
             att[key] = next(v for (s, b), v in out.items() if b == tuple(by) and s.endswith(_canon_tail(site)))
         used += atp_star_cost(cfg.n_layers)
