@@ -340,7 +340,8 @@ def attribution_patch(
 
     Args:
         model, clean_tokens, corrupt_tokens, direction, answer, wrong, answer_pos, token_labels:
-            as for :func:`jaxpatch.activation_patch`.
+            as for :func:`jaxpatch.activation_patch` (a :class:`jaxpatch.byo.Patchable` model
+            supports ``method="atp"``).
         site, by: one target (default residual stream by layer x position). ``by`` names each grid
             axis once, includes ``"layer"``, and uses only axes the site has: ``pos``, ``head``,
             ``neuron``, ``dest_pos``/``src_pos`` (attention scores and pattern); result axes are in

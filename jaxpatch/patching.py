@@ -170,7 +170,8 @@ def activation_patch(
     """Patch every component of a sweep and measure several metrics, in one compiled program.
 
     Args:
-        model: a :class:`HookedModel`.
+        model: a :class:`HookedModel`, or a :class:`jaxpatch.byo.Patchable` (a Flax, Equinox or
+            plain-JAX model; see :mod:`jaxpatch.byo` for how its sites, inputs and metrics work).
         clean_tokens: ``[batch, pos]`` prompts where the model shows the behaviour.
         corrupt_tokens: ``[batch, pos]`` corrupted prompts (same shape), or ``[n_sets, batch, pos]``
             for several corrupted sets (an extra ``corrupt_set`` grid axis). Needed for
