@@ -362,3 +362,18 @@ def test_non_finite_patched_runs_are_reported(setup):
     with pytest.raises(jaxpatch.NonFiniteError, match=r"1 patched run\(s\) gave NaN or inf.*\{'pos': 4\}"):
         jaxpatch.activation_patch(m, clean, None, site="h", direction="noise", baseline="zero",
                                   patches=[{"pos": 1}, {"pos": 4}], metrics=(logit_diff,))  # zero at the read position
+
+
+def test_pytree_outputs_need_a_selector(setup):
+    _, params, clean, corrupt = setup
+
+    def with_aux(params, toks):
+        return {"logits": apply(params, toks), "aux": jnp.zeros(())}
+
+    with pytest.raises(jaxpatch.InputError, match="Pass output= to the adapter"):
+        jaxpatch.activation_patch(byo.patchable(with_aux, params), clean, corrupt, site="embed", metrics=(logit_diff,))
+    sel = byo.patchable(with_aux, params, output=lambda o: o["logits"])
+    plain = byo.patchable(apply, params)
+    a = jaxpatch.activation_patch(sel, clean, corrupt, site="embed", by=("pos",), metrics=(logit_diff,))
+    b = jaxpatch.activation_patch(plain, clean, corrupt, site="embed", by=("pos",), metrics=(logit_diff,))
+    np.testing.assert_allclose(a.per_prompt, b.per_prompt, **TOL)
