@@ -238,6 +238,13 @@ def test_site_inside_other_transformations_is_an_error():
     with pytest.raises(byo.SiteError, match="use jaxpatch.scan|jaxpatch.scan"):
         byo.patchable(g, {}).sites(jnp.ones((2, 3)))
 
+    def k(params, x):  # jaxpatch.scan inside the model's own vmap
+        body = lambda c, _: (jaxpatch.site("h", c, axes=("d",)), None)  # noqa: E731
+        return jax.vmap(lambda r: jaxpatch.scan(body, r, length=2)[0])(x)
+
+    with pytest.raises(byo.SiteError, match="jaxpatch.scan inside a transformation"):
+        byo.patchable(k, {}).sites(jnp.ones((2, 3)))
+
 
 def test_axes_must_fit():
     with pytest.raises(byo.SiteError, match="must name each"):

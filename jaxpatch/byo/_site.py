@@ -391,6 +391,10 @@ def scan(f: Callable, init, xs=None, length: int | None = None, reverse: bool = 
     if scope.layer is not None:
         raise SiteError("jaxpatch.scan inside jaxpatch.scan: sites carry one layer axis; flatten the nesting "
                         "(scan over layers once).")
+    if _trace_state() != scope.trace:
+        raise SiteError("jaxpatch.scan inside a transformation the model applies itself (its own jax.vmap, "
+                        "jax.checkpoint...): the stacked captures could not leave it. Scan outside the vmap (vmap "
+                        "inside the layer), or let jaxpatch vmap a per-example model (batched=False).")
     leaves = jax.tree_util.tree_leaves(xs)
     n = length if length is not None else (leaves[0].shape[0] if leaves else None)
     if n is None:
