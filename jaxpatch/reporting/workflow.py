@@ -381,6 +381,16 @@ def run(model: HookedModel, clean, corrupt, *, answer, wrong=None, answer_pos=-1
             fs.append(F.Finding("skipped", "plan", (), (), (("cost", float(s.cost)),),
                                 f"Skipped over budget: {s.description} (needs {s.cost} forward-pass equivalents).",
                                 f"Raise budget= by {s.cost} to include it.", "caution"))
+    if "heads.denoise" in results and not top_heads and (plan.included("head_pos") or plan.included("qkv")):
+        fs.append(F.Finding("skipped", "plan", (), (), (("threshold", float(threshold)),),
+                            f"Not run: no head reaches {threshold:.2f} of the gap in either direction, so there is no top head "
+                            "to patch by position or by q/k/v.",
+                            "Lower threshold=, or look for the effect in MLPs or spread over many heads (patch heads jointly).",
+                            "caution"))
+    if plan.included("neurons") and cfg.d_mlp and not extras.get("top_mlp_layers"):
+        fs.append(F.Finding("skipped", "plan", (), (), (("threshold", float(threshold)),),
+                            f"Not run: no MLP layer reaches {threshold:.2f} of the gap at any position, so no neurons were "
+                            "patched.", "Lower threshold= to zoom into the largest MLP layer anyway.", "caution"))
     fs = sorted(fs, key=lambda f: F.KINDS.index(f.kind))  # stable: detector order within a kind
     info = {"budget": plan.budget, "used": used, "planned": plan.total, "timings": timings,
             "wall_s": time.perf_counter() - t_start, "threshold": threshold}
