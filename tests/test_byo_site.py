@@ -307,6 +307,16 @@ def test_results_plot_and_save(setup, tmp_path):
     paths = results_io.save_result(res, tmp_path / "toy")
     assert results_io.results_equal(results_io.load_result(paths["npz"]), res)
     assert paths["table"].exists()
+    # several sites (a "site" axis): 3-D results, and exact vs attribution on one figure
+    kw = dict(site=["resid_pre", "hidden"], by=("site", "layer", "pos"), metrics=(logit_diff,))
+    exact = jaxpatch.activation_patch(model, clean, corrupt, **kw)
+    kw["metric"] = kw.pop("metrics")[0]
+    atp = jaxpatch.attribution_patch(model, clean, corrupt, **kw)
+    assert exact.labels["site"] == ["resid_pre", "hidden"] and exact.shape == atp.shape == (2, L, T)
+    assert plots.plot_result(exact) is not None
+    assert plots.plot_exact_vs_attribution(exact, atp) is not None
+    paths = results_io.save_result(atp, tmp_path / "atp")
+    assert results_io.results_equal(results_io.load_result(paths["npz"]), atp)
 
 
 def test_core_needs_neither_flax_nor_equinox():
