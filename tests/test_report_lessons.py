@@ -44,6 +44,30 @@ def test_and_or_lesson(tmp_path):
     assert (tmp_path / "paper_and_or.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_cli_report_on_a_checkpoint_with_a_prompt_file(tmp_path):
+    """``jaxpatch report DIR --prompts FILE.jsonl`` on the one-layer AND gate (no tokenizer: token
+    ids), with attribution (AtP+QK: GradDrop needs two layers). Runs before test_report_reads_the_gates,
+    which reuses its compiled programs (both gates have the same config and prompt shapes)."""
+    import contextlib
+    import io
+    import json
+
+    from jaxpatch.cli import main
+
+    clean, corrupt, answer, wrong = gates.gate_prompts(16)  # the shapes of test_report_reads_the_gates: programs shared
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"clean": c.tolist(), "corrupt": k.tolist(), "answer": int(a), "wrong": int(w)})
+                                 for c, k, a, w in zip(clean, corrupt, answer, wrong)))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["report", str(gates.model_path("and_gate")), "--prompts", str(prompts), "--out", str(tmp_path / "r")])
+    assert code == 0, err.getvalue()
+    assert "[necessary_not_sufficient] residual stream resid_pre L0 @1" in out.getvalue()
+    saved = json.loads((tmp_path / "r" / "findings.json").read_text())
+    agreement = [f for f in saved if f["kind"] == "attribution_agreement"]
+    assert agreement and all(f["message"].startswith("AtP+QK vs exact") for f in agreement)
+
+
 @pytest.mark.parametrize("name,kind", [("and_gate", "necessary_not_sufficient"), ("or_gate", "sufficient_not_necessary")])
 def test_report_reads_the_gates(name, kind):
     model = gates.load_gate(name)
@@ -66,26 +90,3 @@ def test_backup_lesson(tmp_path):
     assert abs(res["primary"]) < 0.1 * clean and abs(res["backup"]) < 0.1 * clean  # each alone: compensated
     assert res["both"] <= -0.5 * clean  # together: the answer is gone
     assert res["backup_given_primary_ablated"] <= -0.5 * clean  # the backup's effect appears once the primary is ablated
-
-
-def test_cli_report_on_a_checkpoint_with_a_prompt_file(tmp_path):
-    """``jaxpatch report DIR --prompts FILE.jsonl`` on the one-layer AND gate (no tokenizer: token
-    ids), with attribution (AtP+QK: GradDrop needs two layers)."""
-    import contextlib
-    import io
-    import json
-
-    from jaxpatch.cli import main
-
-    clean, corrupt, answer, wrong = gates.gate_prompts(16)  # the shapes of test_report_reads_the_gates: programs shared
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text("\n".join(json.dumps({"clean": c.tolist(), "corrupt": k.tolist(), "answer": int(a), "wrong": int(w)})
-                                 for c, k, a, w in zip(clean, corrupt, answer, wrong)))
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["report", str(gates.model_path("and_gate")), "--prompts", str(prompts), "--out", str(tmp_path / "r")])
-    assert code == 0, err.getvalue()
-    assert "[necessary_not_sufficient] residual stream resid_pre L0 @1" in out.getvalue()
-    saved = json.loads((tmp_path / "r" / "findings.json").read_text())
-    agreement = [f for f in saved if f["kind"] == "attribution_agreement"]
-    assert agreement and all(f["message"].startswith("AtP+QK vs exact") for f in agreement)
