@@ -47,7 +47,8 @@ model = load_model(cfg)
 rng = np.random.default_rng(0)
 clean = rng.integers(0, 50, (3, 8)).astype(np.int32)
 corrupt = rng.integers(0, 50, (3, 8)).astype(np.int32)
-KW = dict(site="resid_pre", answer=clean[:, -1], wrong=corrupt[:, -1], chunk_size=1, metrics=("logit_diff", "kl"))
+KW = dict(site="resid_pre", answer=clean[:, -1], wrong=corrupt[:, -1], chunk_size=1, position_buckets=1,
+          metrics=("logit_diff", "kl"))
 """
 
 CHILD = """

@@ -46,8 +46,8 @@ model = load_model(cfg)
 rng = np.random.default_rng(0)
 clean = rng.integers(0, 50, (3, 8)).astype(np.int32)
 corrupt = rng.integers(0, 50, (3, 8)).astype(np.int32)
-KW = dict(site="resid_pre", answer=clean[:, -1], wrong=corrupt[:, -1], chunk_size=1, metrics=("logit_diff", "kl"),
-          progress=False)
+KW = dict(site="resid_pre", answer=clean[:, -1], wrong=corrupt[:, -1], chunk_size=1, position_buckets=1,
+          metrics=("logit_diff", "kl"), progress=False)
 """
 
 # Dies by SIGKILL right after its first group file is on disk (the other groups are in flight).
