@@ -262,6 +262,10 @@ def test_unknown_site_lists_valid_sites_closest_first(setup):
         jaxpatch.activation_patch(model, clean, corrupt, site="hidden", by=("layer", "head"), metrics=(logit_diff,))
     with pytest.raises(jaxpatch.InputError, match="built-in transformers"):
         jaxpatch.activation_patch(model, clean, corrupt, site="hidden", metrics=(logit_diff,), attention_mask=clean)
+    with pytest.raises(jaxpatch.InputError, match=r"Got a function as the model.*jaxpatch.patchable\(fn, params\)"):
+        jaxpatch.activation_patch(apply, clean, corrupt, site="hidden", metrics=(logit_diff,))
+    with pytest.raises(jaxpatch.InputError, match="Got a function as the model"):
+        jaxpatch.attribution_patch(apply, clean, corrupt, site="hidden", metric=logit_diff)
 
 
 def test_per_example_model_equals_batched(setup):

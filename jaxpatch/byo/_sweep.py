@@ -237,6 +237,15 @@ def _labels(axes, shape, names, first_input, token_labels):
     return out
 
 
+def _check_model(model):
+    if not isinstance(model, Patchable):
+        raise InputError(
+            f"Got a {type(model).__name__} as the model. jaxpatch patches a HookedModel (jaxpatch.load_pretrained, "
+            "HookedModel.from_config) or a jaxpatch.byo.Patchable: wrap a Flax linen module with "
+            "jaxpatch.byo.from_flax(module, variables), an nnx module with jaxpatch.byo.from_nnx(module), an Equinox "
+            "module with jaxpatch.byo.from_equinox(module), a function with jaxpatch.patchable(fn, params).")
+
+
 def _refuse(**given):
     for k, (v, default) in given.items():
         if not (v is default or v == default):
@@ -257,6 +266,7 @@ def activation_patch(model: Patchable, clean_tokens, corrupt_tokens=None, *, sit
     then the first axis after ``batch``). Metrics: built-in names read ``[batch, classes]`` or
     ``[batch, pos, vocab]`` outputs; a callable gets the whole output and returns ``[batch]``.
     """
+    _check_model(model)
     _refuse(noise_positions=(noise_positions, None), mesh=(mesh, "auto"), position_buckets=(position_buckets, "auto"),
             attention_mask=(attention_mask, None), **{k: (v, None) for k, v in other.items()})
     if direction not in DIRECTIONS:
@@ -395,6 +405,7 @@ def attribution_patch(model: Patchable, clean_tokens, corrupt_tokens, *, targets
     equal-shaped sites (a ``site`` axis). Only ``method="atp"``: AtP*'s QK fix and GradDrop need the
     attention and layer structure of jaxpatch's own transformers.
     """
+    _check_model(model)
     _refuse(attention_mask=(attention_mask, None), **{k: (v, None) for k, v in other.items()})
     if method != "atp":
         raise InputError(f"method={method!r} needs the attention and layer structure of jaxpatch's built-in "
