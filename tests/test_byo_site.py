@@ -398,3 +398,20 @@ def test_pytree_outputs_need_a_selector(setup):
     a = jaxpatch.activation_patch(sel, clean, corrupt, site="embed", by=("pos",), metrics=(logit_diff,))
     b = jaxpatch.activation_patch(plain, clean, corrupt, site="embed", by=("pos",), metrics=(logit_diff,))
     np.testing.assert_allclose(a.per_prompt, b.per_prompt, **TOL)
+
+
+def test_several_sites_without_a_site_axis_are_patched_jointly(setup):
+    """site=[a, b] with by= not naming "site": each patch covers both sites at its indices."""
+    model, _, clean, corrupt = setup
+    res = jaxpatch.activation_patch(model, clean, corrupt, site=["resid_pre", "hidden"], by=("layer",),
+                                    metrics=(logit_diff,))
+    _, src = model.run_with_cache(clean, ["resid_pre", "hidden"])
+    for l in range(L):
+        out = model(corrupt, byo.combine(model.replace("resid_pre", src["resid_pre"], layer=l),
+                                         model.replace("hidden", src["hidden"], layer=l)))
+        np.testing.assert_allclose(res.values()[l], np.mean(logit_diff(out)), **TOL)
+    joint = jaxpatch.attribution_patch(model, clean, corrupt, site=["resid_pre", "hidden"], by=("layer",),
+                                       metric=logit_diff)
+    parts = jaxpatch.attribution_patch(model, clean, corrupt, site=["resid_pre", "hidden"], by=("site", "layer"),
+                                       metric=logit_diff)
+    np.testing.assert_allclose(joint.effects(), parts.effects().sum(axis=0), **TOL)

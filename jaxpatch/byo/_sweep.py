@@ -453,9 +453,10 @@ def attribution_patch(model: Patchable, clean_tokens, corrupt_tokens, *, targets
         for n in names:
             prod = jnp.where(src_caps[n] == run_caps[n], 0.0, (src_caps[n] - run_caps[n]) * grads[n])
             per_site.append(_reduce(prod, infos[n], tuple(a for a in axes if a != "site")))
-        est = jnp.stack(per_site) if len(names) > 1 else per_site[0]
-        if len(names) > 1 and axes.index("site"):
-            est = jnp.moveaxis(est, 0, axes.index("site"))
+        est = per_site[0]
+        if len(names) > 1:  # a "site" axis, or (by without "site") the sites patched jointly: their sum
+            est = jnp.stack(per_site)
+            est = jnp.moveaxis(est, 0, axes.index("site")) if "site" in axes else jnp.sum(est, axis=0)
         est = np.asarray(est)
         per = m_run + est  # numpy: est is [*grid, batch]
         labels = _labels(axes, est.shape[:-1], names, np.asarray(first[0]) if first.ndim == 2 else None, token_labels)
