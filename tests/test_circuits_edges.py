@@ -30,7 +30,7 @@ def test_circuit_errors():
     with pytest.raises(jaxpatch.InputError, match="Unknown node 'L9H0'"):
         circuits.circuit_from_nodes(m.config, ["L9H0"])
     with pytest.raises(jaxpatch.InputError, match="ablation"):
-        circuits.evaluate_circuit(m, clean, corrupt, g.valid, ablation="zero", **kw)
+        circuits.evaluate_circuit(m, clean, corrupt, g.valid, ablation="ones", **kw)
     with pytest.raises(jaxpatch.InputError, match="corrupt_tokens"):
         circuits.evaluate_circuit(m, clean, None, g.valid, **kw)
     with pytest.raises(jaxpatch.InputError, match="labels"):

@@ -113,6 +113,26 @@ def test_backup_head_shows_itself(beta):
                                [1 - beta, 0.0, 1.0, 1.0, 0.0], atol=1e-5)
     np.testing.assert_allclose([r.self_repair_a, r.interaction], [beta, beta], atol=1e-5)
     assert "self-repair" in r.summary()
-    # mean ablation over the clean prompts leaves every node as it is: no effect at all
     with pytest.raises(jaxpatch.InputError, match="ablation"):
-        circuits.backup_probe(m, clean, corrupt, "L0H0", "L1H0", ablation="zero", **kw)
+        circuits.backup_probe(m, clean, corrupt, "L0H0", "L1H0", ablation="ones", **kw)
+
+
+def test_trained_paper_gates_and_backup():
+    # The models trained by examples/train_paper_models.py (jaxpatch.data.gates): the probes read
+    # their known circuits; zero-ablation effects equal zero-ablating each head's z by hooks.
+    from jaxpatch.data import gates
+
+    clean, corrupt, ans, wrong = gates.gate_prompts(16)
+    kw = {"answer": ans, "wrong": wrong}
+    for name, verdict in (("and_gate", "AND"), ("or_gate", "OR")):
+        r = circuits.and_or_probe(gates.load_gate(name), clean, corrupt, ["L0H0", "L0H1"], **kw)
+        assert r.verdict == verdict, r.summary()
+    m = gates.load_gate("backup")
+    b = circuits.backup_probe(m, clean, corrupt, "L0H0", "L1H0", ablation="zero", **kw)
+    assert abs(b.total_a) < 0.05 and abs(b.total_b) < 0.05 and b.total_both > 0.2 and b.interaction > 0.2, b.summary()
+    z = jaxpatch.activation_patch(m, clean, corrupt, site="z", direction="noise", baseline="zero", **kw).normalized()
+    np.testing.assert_allclose([b.total_a, b.total_b], [z[0, 0], z[1, 0]], atol=1e-4)
+    full = circuits.evaluate_circuit(m, clean, corrupt, circuits.circuit_from_nodes(m.config, ["embed", "L0H0", "L1H0",
+                                                                                               "MLP0", "MLP1"]),
+                                     ablation="zero", **kw)
+    np.testing.assert_allclose(full.faithfulness(), [1.0], atol=1e-4)  # every node kept: the clean run

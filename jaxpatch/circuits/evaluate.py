@@ -28,7 +28,7 @@ from ..model import HookedModel, check_tokens
 from . import _engine
 from ._graph import check_circuits, graph_of
 
-ABLATIONS = ("resample", "mean")
+ABLATIONS = ("resample", "mean", "zero")
 
 
 @dataclasses.dataclass
@@ -40,9 +40,9 @@ class CircuitResult:
         per_prompt: ``[n_circuits, n_metrics, batch]`` metric of each circuit's run.
         clean: ``[n_metrics, batch]`` the clean run (the full circuit).
         ablated: ``[n_metrics, batch]`` the empty circuit: the corrupted run (resample), or every
-            node mean-ablated.
+            node mean- or zero-ablated.
         n_edges: ``[n_circuits]`` edges in each circuit; ``n_valid``: edges in the graph.
-        ablation: ``"resample"`` or ``"mean"``.
+        ablation: ``"resample"``, ``"mean"`` or ``"zero"``.
         labels: a name per circuit.
         info: timings, chunk size, rounding floor of the gap.
     """
@@ -101,6 +101,19 @@ def _mean_outputs(model, reference_tokens, B, T, clean):
     return jnp.broadcast_to(mean, (mean.shape[0], B) + mean.shape[2:])
 
 
+def ablated_outputs(model, ablation, clean, corrupt, reference_tokens, attention_mask):
+    """Upstream outputs ``[U, B, T, D]`` an ablated edge carries: the corrupted run's
+    (``"resample"``), their mean over ``reference_tokens`` per position (``"mean"``), or zeros."""
+    cfg = model.config
+    if ablation == "resample":
+        return _engine.up_outputs(cfg, model.params, corrupt, attention_mask)
+    B, T = clean.shape
+    if ablation == "mean":
+        return _mean_outputs(model, reference_tokens, B, T, clean)
+    U = 1 + cfg.n_layers * (cfg.n_heads + 1)
+    return jnp.zeros((U, B, T, cfg.d_model), model.dtype)
+
+
 def evaluate_circuit(
     model: HookedModel,
     clean_tokens,
@@ -127,8 +140,10 @@ def evaluate_circuit(
         circuits: one ``[U, V]`` boolean mask over :class:`~jaxpatch.edges.EdgeGraph` edges, a
             ``[C, U, V]`` stack, or a list of masks and/or lists of ``(upstream, downstream)``
             edges (see :func:`circuit_mask`, :func:`circuit_from_nodes`).
-        ablation: ``"resample"`` (the corrupted run's values) or ``"mean"`` (each upstream node's
-            output averaged over ``reference_tokens``, default the clean prompts, per position).
+        ablation: ``"resample"`` (the corrupted run's values), ``"mean"`` (each upstream node's
+            output averaged over ``reference_tokens``, default the clean prompts, per position) or
+            ``"zero"`` (zero writes; constant biases stay). With mean and zero ablation the empty
+            circuit, run in the same call, is the baseline of ``faithfulness``.
         metrics, answer, wrong, answer_pos, attention_mask: as in :func:`jaxpatch.activation_patch`
             (mean ablation needs equal-length prompts: no attention_mask).
         labels: a name per circuit (default ``c0, c1, ...``).
@@ -160,12 +175,9 @@ def evaluate_circuit(
                          "prompts (no attention_mask).")
     B, T = clean.shape
     t0 = time.perf_counter()
-    if ablation == "resample":
-        other = _engine.up_outputs(cfg, model.params, corrupt, ctx.get("attention_mask"))
-    else:
-        other = _mean_outputs(model, reference_tokens, B, T, clean)
+    other = ablated_outputs(model, ablation, clean, corrupt, reference_tokens, ctx.get("attention_mask"))
     ws = ~masks & graph.valid[None]
-    if ablation == "mean":  # the empty circuit is the baseline: run it with the others
+    if ablation != "resample":  # the empty circuit is the baseline: run it with the others
         ws = np.concatenate([ws, graph.valid[None]], axis=0)
     chunk = _engine.default_chunk(cfg, B, T, ws.shape[0], chunk_size)
     setup_s = time.perf_counter() - t0
@@ -175,7 +187,7 @@ def evaluate_circuit(
     _engine.check_finite("Circuit evaluation", out, list(labels) + ["empty circuit"])
     ref = corrupt if corrupt is not None else clean
     m_clean, m_corrupt, floor = _engine.baselines(model, names, clean, ref, ctx)
-    if ablation == "mean":
+    if ablation != "resample":
         m_ablated, out = out[-1], out[:-1]
     else:
         m_ablated = m_corrupt

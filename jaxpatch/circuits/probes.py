@@ -175,25 +175,22 @@ def backup_probe(model: HookedModel, clean_tokens, corrupt_tokens, a, b, *, abla
 
     Args:
         a, b: components (or disjoint sets): ``"L2H1"``, ``"MLP0"``, ``["L1H0", "L1H2"]``.
-        ablation: ``"resample"`` (the corrupted run's outputs) or ``"mean"`` (means over
-            ``reference_tokens``, default the clean prompts).
+        ablation: ``"resample"`` (the corrupted run's outputs), ``"mean"`` (means over
+            ``reference_tokens``, default the clean prompts) or ``"zero"``. Effects are fractions
+            of the clean-corrupted gap whatever the ablation.
 
     Returns:
         a :class:`BackupResult` (noising effects as fractions of the clean-corrupted gap).
     """
-    if ablation not in ("resample", "mean"):
-        raise InputError(f"ablation must be 'resample' or 'mean', got {ablation!r}.")
+    if ablation not in ("resample", "mean", "zero"):
+        raise InputError(f"ablation must be 'resample', 'mean' or 'zero', got {ablation!r}.")
     graph = graph_of(model.config)
     gs, nm = _groups(graph, [a, b], 2)
     names, clean, corrupt, ctx = _engine.setup(model, clean_tokens, corrupt_tokens, (metric,), answer, wrong,
                                                answer_pos, attention_mask)
-    am = ctx.get("attention_mask")
-    if ablation == "resample":
-        other = _engine.up_outputs(model.config, model.params, corrupt, am)
-    else:
-        from .evaluate import _mean_outputs
+    from .evaluate import ablated_outputs
 
-        other = _mean_outputs(model, reference_tokens, clean.shape[0], clean.shape[1], clean)
+    other = ablated_outputs(model, ablation, clean, corrupt, reference_tokens, ctx.get("attention_mask"))
     logits = np.zeros(graph.valid.shape, bool)
     logits[:, -1] = True
     sel = np.stack([nm[0], nm[1], nm[0] | nm[1]])
