@@ -82,8 +82,9 @@ def test_linen_block_patch_equals_hand_written_forward(linen):
     assert res.values()[-1] != res.values()[0]
 
 
-@pytest.mark.parametrize("path", ["blocks_0.attn.query", "blocks_1.ln2"])
-def test_linen_any_site_equals_hand_written_interceptor(linen, path):
+def test_linen_any_site_equals_hand_written_interceptor(linen):
+    """A site inside flax's attention ([batch, pos, head, d_head]; block outputs are checked above)."""
+    path = "blocks_0.attn.query"
     module, variables, _, clean, corrupt = linen
     model = byo.from_flax(module, variables)
     @jax.jit
