@@ -86,7 +86,7 @@ def test_installed_entry_point():
         pytest.skip("the jaxpatch console script is not installed (pip install -e .)")
     proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "{demo,sweep,info}" in proc.stdout
+    assert "{demo,sweep,info," in proc.stdout  # and the later subcommands (report, pareto)
     proc = subprocess.run([exe, "info", "/no/such/model"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("jaxpatch: error: ") and "Traceback" not in proc.stderr
 
