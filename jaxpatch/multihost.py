@@ -44,7 +44,17 @@ def _global(x, sharding: NamedSharding):
 
 def replicate(tree, mesh: Mesh):
     """Every array leaf of ``tree`` as a global array replicated over ``mesh`` (built from this
-    process's copy, which every process must hold identically: see :func:`check_same`)."""
+    process's copy, which every process must hold identically: see :func:`check_same`).
+
+    Raises:
+        InputError: for a mesh other than 1-D ``("sweep",)``: weights sharded over a ``"model"``
+            axis would be gathered whole onto every device (multi-process 2-D meshes are not
+            supported yet).
+    """
+    if tuple(mesh.axis_names) != ("sweep",):
+        raise InputError(f"A sweep across processes runs on a 1-D mesh with axis 'sweep' (every device holds the whole "
+                         f"model); got a mesh with axes {tuple(mesh.axis_names)}. Sharded parameters across processes are "
+                         f"not supported yet: use mesh='auto' (every device of every process) or a 1-D 'sweep' mesh.")
     rep = NamedSharding(mesh, P())
     return jax.tree.map(lambda x: _global(x, rep) if isinstance(x, (jax.Array, np.ndarray)) else x, tree)
 

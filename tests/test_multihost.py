@@ -129,3 +129,19 @@ def test_two_processes_equal_one_process_bitwise(tmp_path):
     assert sorted(f.name for f in (tmp_path / "ckpt").iterdir()) == [
         "chunks_000000_000004.npz", "chunks_000004_000008.npz", "chunks_000008_000012.npz", "chunks_000012_000016.npz",
         "manifest.json"]
+
+
+def test_multi_process_sweeps_refuse_a_two_d_mesh():
+    """Replicating inputs over a ("sweep", "model") mesh would undo parameter sharding: refused."""
+    from jax.sharding import Mesh
+
+    from jaxpatch import multihost
+
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("sweep", "model"))
+    with pytest.raises(jaxpatch.InputError, match="1-D mesh with axis 'sweep'"):
+        multihost.replicate({"w": np.zeros(3, np.float32)}, mesh)
+    one_d = Mesh(np.array(jax.devices()[:2]), ("sweep",))
+    out = multihost.replicate({"w": np.arange(3, dtype=np.float32), "k": 3}, one_d)
+    assert out["k"] == 3 and out["w"].sharding.is_fully_replicated and len(out["w"].sharding.device_set) == 2
+    np.testing.assert_array_equal(np.asarray(out["w"]), np.arange(3, dtype=np.float32))
+    assert not multihost.spans_processes(one_d) and not multihost.spans_processes(None)
