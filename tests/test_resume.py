@@ -183,6 +183,8 @@ def test_changed_metrics_and_options_are_refused(written):
     _refused(written, "the metrics", metrics=("logit_diff",))
     _refused(written, "the metrics", answer=(clean[:, -1] + 1) % 50)
     _refused(written, "the options", direction="noise")
+    msg = _refused(written, "the options", baseline="noise", noise_positions=[1, 2])
+    assert "the prompts (" not in msg
 
 
 def test_changed_chunking_is_refused_with_the_values_to_pass(written):
