@@ -60,7 +60,8 @@ WHAT = {
 }
 
 #: ``{"groups": dispatch groups in the plan, "loaded": groups read from disk, "computed": groups
-#: computed, "chunks_computed": chunks those groups ran}`` of the last checkpointed sweep.
+#: computed, "chunks_computed": chunks those groups ran}`` of the last sweep run by
+#: :func:`run_groups` (checkpointed, or spanning several processes).
 last_run: dict[str, int] = {}
 
 
