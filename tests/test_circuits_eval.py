@@ -54,6 +54,12 @@ def test_circuits_full_empty_nodes_and_loop(family):
     assert np.abs(want - c).max() > 1e-3
     np.testing.assert_allclose(r.per_prompt[2, 0], want, atol=tol, rtol=0)
     if family == "gpt2":  # the slow twin (one more compile per family; GQA and parallel share the code)
+        from jaxpatch.circuits import _engine
+
+        n = _engine.masked_sweep._cache_size()
+        again = circuits.evaluate_circuit(m, clean, corrupt, masks[::-1], answer=ans, wrong=wrong, chunk_size=2)
+        assert _engine.masked_sweep._cache_size() == n  # other circuits are data: no recompilation
+        np.testing.assert_allclose(again.per_prompt[::-1], r.per_prompt, atol=tol, rtol=0)
         for i in (3, 4):
             one = circuits.evaluate_circuit(m, clean, corrupt, masks[i], answer=ans, wrong=wrong)
             np.testing.assert_allclose(r.per_prompt[i], one.per_prompt[0], atol=tol, rtol=0)
