@@ -140,11 +140,52 @@ def masked_metrics(config: ModelConfig, params, names, tokens, w, other, ctx):
     return _x_metrics(config, params, names, x, ctx)
 
 
-@partial(jax.jit, static_argnames=("config", "names", "chunk"))
-def masked_sweep(config: ModelConfig, params, names, tokens, ws, other, ctx, *, chunk: int):
+def sharded_map(fn, shared, items, chunk: int, mesh):
+    """``lax.map(lambda it: fn(shared, it), items, batch_size=chunk)`` over the leading axis of
+    ``items``; with a 1-D ``("sweep",)`` mesh the items are padded (repeating the first) to a
+    multiple of its size and split over its devices, each mapping its share (``shard_map``), and
+    ``shared`` is replicated."""
+    if mesh is None:
+        return jax.lax.map(lambda it: fn(shared, it), items, batch_size=chunk)
+    from jax.sharding import PartitionSpec as P
+
+    n = jax.tree_util.tree_leaves(items)[0].shape[0]
+    d = mesh.size
+    pad = (-n) % d
+    if pad:
+        items = jax.tree_util.tree_map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad, axis=0)], axis=0), items)
+    per = (n + pad) // d
+    run = jax.shard_map(lambda sh, it: jax.lax.map(lambda x: fn(sh, x), it, batch_size=min(chunk, per)), mesh=mesh,
+                        in_specs=(P(), P("sweep")), out_specs=P("sweep"), check_vma=False)
+    return jax.tree_util.tree_map(lambda a: a[:n], run(shared, items))
+
+
+def resolve_mesh(mesh):
+    """``"auto"``: every local device (``None`` with one); ``None``: one device; or a 1-D mesh with
+    axis ``"sweep"`` whose devices are all this process's."""
+    if mesh is None:
+        return None
+    if isinstance(mesh, str):
+        if mesh != "auto":
+            raise InputError(f"mesh must be 'auto', None or a jax.sharding.Mesh with axis 'sweep'; got {mesh!r}.")
+        devs = jax.local_devices()
+        return jax.sharding.Mesh(np.array(devs), ("sweep",)) if len(devs) > 1 else None
+    if tuple(mesh.axis_names) != ("sweep",):
+        raise InputError(f"Circuit methods shard over a 1-D mesh with axis 'sweep'; got axes {tuple(mesh.axis_names)}.")
+    if len({dv.process_index for dv in mesh.devices.flat}) > 1:
+        raise InputError("Circuit methods run on one process's devices; this mesh spans several processes.")
+    return mesh
+
+
+@partial(jax.jit, static_argnames=("config", "names", "chunk", "mesh"))
+def masked_sweep(config: ModelConfig, params, names, tokens, ws, other, ctx, *, chunk: int, mesh=None):
     """:func:`masked_metrics` for a stack of weights ``ws`` ``[C, U, V]``, vmapped in chunks of
-    ``chunk`` (``lax.map``): ``[C, M, B]``."""
-    return jax.lax.map(lambda w: masked_metrics(config, params, names, tokens, w, other, ctx), ws, batch_size=chunk)
+    ``chunk`` (``lax.map``), split over ``mesh``'s devices if given: ``[C, M, B]``."""
+    def fn(sh, w):
+        p, t, o, c = sh
+        return masked_metrics(config, p, names, t, w, o, c)
+
+    return sharded_map(fn, (params, tokens, other, ctx), ws, chunk, mesh)
 
 
 def default_chunk(config: ModelConfig, B: int, T: int, n: int, chunk_size) -> int:

@@ -129,6 +129,7 @@ def evaluate_circuit(
     attention_mask=None,
     labels=None,
     chunk_size: int | None = None,
+    mesh=None,
 ) -> CircuitResult:
     """Run each circuit alone (every other edge ablated) and measure it; all circuits vmapped.
 
@@ -148,6 +149,8 @@ def evaluate_circuit(
             (mean ablation needs equal-length prompts: no attention_mask).
         labels: a name per circuit (default ``c0, c1, ...``).
         chunk_size: circuits per vectorised chunk (default: by memory).
+        mesh: ``None`` (default, one device), ``"auto"`` (every local device) or a 1-D
+            ``jax.sharding.Mesh`` with axis ``"sweep"``: circuits are split over its devices.
 
     Returns:
         a :class:`CircuitResult`; ``faithfulness()`` per circuit.
@@ -182,7 +185,8 @@ def evaluate_circuit(
     chunk = _engine.default_chunk(cfg, B, T, ws.shape[0], chunk_size)
     setup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = np.asarray(_engine.masked_sweep(cfg, model.params, names, clean, jnp.asarray(ws), other, ctx, chunk=chunk))
+    out = np.asarray(_engine.masked_sweep(cfg, model.params, names, clean, jnp.asarray(ws), other, ctx, chunk=chunk,
+                                          mesh=_engine.resolve_mesh(mesh)))
     sweep_s = time.perf_counter() - t0
     _engine.check_finite("Circuit evaluation", out, list(labels) + ["empty circuit"])
     ref = corrupt if corrupt is not None else clean

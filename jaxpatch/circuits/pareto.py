@@ -149,7 +149,7 @@ def exact_edge_scores(model: HookedModel, clean_tokens, corrupt_tokens, *, direc
 def pareto_curve(model: HookedModel, clean_tokens, corrupt_tokens, rankings: Mapping[str, Any], *,
                  n_points: int = 20, ablation: str = "resample", reference_tokens=None, metric="logit_diff",
                  answer=None, wrong=None, answer_pos=-1, attention_mask=None,
-                 chunk_size: int | None = None) -> ParetoResult:
+                 chunk_size: int | None = None, mesh=None) -> ParetoResult:
     """Faithfulness of nested top-k circuits for several rankings, all in one vectorised call.
 
     Args:
@@ -157,8 +157,8 @@ def pareto_curve(model: HookedModel, clean_tokens, corrupt_tokens, rankings: Map
             exact edge patching, EAP, EAP-IG) or node scores (``{"L1H1": 0.8, ...}`` or a
             ``(layer, head)`` :class:`~jaxpatch.PatchResult`, e.g. AtP* on ``z``).
         n_points: circuit sizes per ranking (evenly spaced, empty to full).
-        ablation, reference_tokens, metric, answer, wrong, answer_pos, attention_mask, chunk_size:
-            as in :func:`jaxpatch.evaluate_circuit`.
+        ablation, reference_tokens, metric, answer, wrong, answer_pos, attention_mask, chunk_size,
+            mesh: as in :func:`jaxpatch.evaluate_circuit`.
 
     Returns:
         a :class:`ParetoResult` (``curves[name].auc``; :func:`plot_pareto` draws it).
@@ -173,7 +173,7 @@ def pareto_curve(model: HookedModel, clean_tokens, corrupt_tokens, rankings: Map
     labels = [f"{name}[{i}]" for name, m in parts for i in range(len(m))]
     res = evaluate_circuit(model, clean_tokens, corrupt_tokens, allm, ablation=ablation, reference_tokens=reference_tokens,
                            metrics=(metric,), answer=answer, wrong=wrong, answer_pos=answer_pos,
-                           attention_mask=attention_mask, labels=labels, chunk_size=chunk_size)
+                           attention_mask=attention_mask, labels=labels, chunk_size=chunk_size, mesh=mesh)
     faith = res.faithfulness()
     curves, start = {}, 0
     for name, masks in parts:

@@ -101,10 +101,12 @@ def _one_pair(config, params, names, run_tokens, ctx, delta, resid, mlp_in, send
     return _engine._x_metrics(config, params, names, x, ctx)
 
 
-@partial(jax.jit, static_argnames=("config", "names", "chunk"))
-def _pairs_core(config, params, names, run_tokens, ctx, delta, resid, mlp_in, pairs, *, chunk):
-    fn = partial(_one_pair, config, params, names, run_tokens, ctx, delta, resid, mlp_in)
-    return jax.lax.map(lambda p: fn(*p), pairs, batch_size=chunk)
+@partial(jax.jit, static_argnames=("config", "names", "chunk", "mesh"))
+def _pairs_core(config, params, names, run_tokens, ctx, delta, resid, mlp_in, pairs, *, chunk, mesh=None):
+    def fn(sh, p):
+        return _one_pair(config, *sh[:1], names, *sh[1:], *p)
+
+    return _engine.sharded_map(fn, (params, run_tokens, ctx, delta, resid, mlp_in), pairs, chunk, mesh)
 
 
 def path_patch(
@@ -122,6 +124,7 @@ def path_patch(
     attention_mask=None,
     chunk_size: int | None = None,
     invalid: str = "raise",
+    mesh=None,
 ) -> PatchResult:
     """Path-patch every sender into every receiver: a ``sender x receiver`` grid, one program.
 
@@ -137,6 +140,8 @@ def path_patch(
         metrics, answer, wrong, answer_pos, attention_mask: as in
             :func:`jaxpatch.activation_patch`.
         chunk_size: pairs per vectorised chunk (default: all pairs, up to 64).
+        mesh: ``None`` (default, one device), ``"auto"`` (every local device) or a 1-D
+            ``jax.sharding.Mesh`` with axis ``"sweep"``: pairs are split over its devices.
         invalid: ``"raise"`` (default): a pair whose receiver reads the stream at or before a
             sender's layer is an error; ``"nan"``: such cells are NaN (a full head x head grid),
             listed in ``info["invalid"]``.
@@ -198,7 +203,8 @@ def path_patch(
     chunk = int(min(n, 64)) if chunk_size is None else _engine.default_chunk(cfg, 1, 1, n, chunk_size)
     setup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = np.asarray(_pairs_core(cfg, model.params, names, run, ctx, delta, resid, mlp_in, pairs, chunk=chunk))  # [n, M, B]
+    out = np.asarray(_pairs_core(cfg, model.params, names, run, ctx, delta, resid, mlp_in, pairs, chunk=chunk,
+                                 mesh=_engine.resolve_mesh(mesh)))  # [n, M, B]
     sweep_s = time.perf_counter() - t0
     labels = [f"{group_label(s_groups[a])} -> {group_label(r_groups[b])}" for a, b in zip(si, ri)]
     _engine.check_finite("Path patching", out, labels)
