@@ -149,7 +149,7 @@ def test_chunked_pairs_equal_one_chunk(x64):
     assert c.info["n_pairs"] == 22 and core._cache_size() == n
 
 
-def test_previous_token_head_to_induction_key_is_the_strongest_path():
+def test_previous_token_head_to_induction_key_is_the_strongest_path(tmp_path):
     m = data.load_default_model()
     task = data.load_task()
     clean, corrupt, ans, wrong = data.induction_prompts(16, seed=1)
@@ -163,6 +163,16 @@ def test_previous_token_head_to_induction_key_is_the_strongest_path():
         i, j = np.unravel_index(np.argmax(v), v.shape)
         assert (r.labels["sender"][i], r.labels["receiver"][j]) == (prev, f"{ind}.k"), direction
         assert v[i, j] > 0.3 and v[i, j] > 1.5 * np.sort(v.ravel())[-2]
+    # a path grid is an ordinary PatchResult: saved, loaded and plotted like any sweep
+    from jaxpatch import plots, results_io
+
+    written = results_io.save_result(r, tmp_path / "paths")
+    back = results_io.load_result(written["npz"])
+    np.testing.assert_array_equal(back.per_prompt, r.per_prompt)
+    assert back.labels == r.labels and back.axes == ("sender", "receiver")
+    fig = plots.plot_result(r)
+    assert fig.axes[0].get_xlabel() == "receiver"
+    plots._pyplot().close(fig)
 
 
 def test_path_patch_errors():
