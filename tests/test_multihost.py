@@ -18,38 +18,11 @@ import numpy as np
 import pytest
 
 import jaxpatch
+from tests.helpers import CHILD_SWEEP_SETUP
 
 ROOT = Path(__file__).resolve().parent.parent
 
-SETUP = """
-import os
-import jax.numpy as jnp
-import numpy as np, jaxpatch
-
-
-def load_model(cfg):
-    \"\"\"Random weights (seed 0), read from $JAXPATCH_TEST_WEIGHTS when the parent wrote them (random
-    init is dozens of small eager compiles: seconds per process).\"\"\"
-    path = os.environ.get("JAXPATCH_TEST_WEIGHTS")
-    if not path:
-        return jaxpatch.HookedModel.from_config(cfg, seed=0)
-    params = {}
-    with np.load(path) as z:
-        for key in z.files:
-            *outer, leaf = key.split("/")
-            d = params
-            for k in outer:
-                d = d.setdefault(k, {})
-            d[leaf] = jnp.asarray(z[key])
-    return jaxpatch.HookedModel(cfg, params)
-cfg = jaxpatch.ModelConfig.gpt2(n_layers=2, d_model=32, n_heads=4, d_vocab=50, n_ctx=16)
-model = load_model(cfg)
-rng = np.random.default_rng(0)
-clean = rng.integers(0, 50, (3, 8)).astype(np.int32)
-corrupt = rng.integers(0, 50, (3, 8)).astype(np.int32)
-KW = dict(site="resid_pre", answer=clean[:, -1], wrong=corrupt[:, -1], chunk_size=1, position_buckets=1,
-          metrics=("logit_diff", "kl"))
-"""
+SETUP = CHILD_SWEEP_SETUP
 
 CHILD = """
 import os, sys
