@@ -266,16 +266,7 @@ def run_groups(core: Callable, idx: Mapping[str, np.ndarray], chunk_start: np.nd
     put = put or (lambda a, sharded: jax.numpy.asarray(a))
     fetch = fetch or (lambda o: jax.tree.map(np.asarray, o))
     n_chunks = len(chunk_start)
-    groups, per = _sweep._progress_groups(n_chunks, n_dev)
-    pad = groups * per - n_chunks
-
-    def padded(a, fill=None):
-        a = np.asarray(a)
-        extra = np.repeat(a[-1:], pad, axis=0) if fill is None else np.full((pad,) + a.shape[1:], fill, a.dtype)
-        return np.concatenate([a, extra]) if pad else a
-
-    idx = {k: padded(v) for k, v in idx.items()}
-    chunk_start, chunk_bucket = padded(chunk_start, n_layers), padded(chunk_bucket, 0)
+    groups, per, pad, idx, chunk_start, chunk_bucket = _sweep.pad_groups(idx, chunk_start, chunk_bucket, n_layers, n_dev)
 
     def args(g):
         sl = slice(g * per, (g + 1) * per)

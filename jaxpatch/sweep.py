@@ -340,6 +340,23 @@ def _progress_groups(n_chunks: int, n_dev: int, max_groups: int = MAX_PROGRESS_G
     return math.ceil(units / per), per * n_dev
 
 
+def pad_groups(idx, chunk_start, chunk_bucket, n_layers: int, n_dev: int):
+    """Chunks padded to equal dispatch groups (see :func:`_progress_groups`): returns ``(groups,
+    per, pad, idx, chunk_start, chunk_bucket)`` as numpy; padding chunks repeat the last chunk's
+    indices and start at ``n_layers``, so they run no layer."""
+    n_chunks = len(chunk_start)
+    groups, per = _progress_groups(n_chunks, n_dev)
+    pad = groups * per - n_chunks
+
+    def padded(a, fill=None):
+        a = np.asarray(a)
+        extra = np.repeat(a[-1:], pad, axis=0) if fill is None else np.full((pad,) + a.shape[1:], fill, a.dtype)
+        return np.concatenate([a, extra]) if pad else a
+
+    return (groups, per, pad, {k: padded(v) for k, v in idx.items()}, padded(chunk_start, n_layers),
+            padded(chunk_bucket, 0))
+
+
 def _run_with_bar(core, idx, chunk_start, chunk_bucket, n_layers: int, n_dev: int, desc: str):
     """``core(idx, chunk_start, chunk_bucket)`` run as a few equal dispatches, advancing a tqdm
     bar (in chunks) as each finishes; returns what one ``core`` call on all chunks returns.
@@ -356,16 +373,7 @@ def _run_with_bar(core, idx, chunk_start, chunk_bucket, n_layers: int, n_dev: in
     from tqdm import tqdm
 
     n_chunks = len(chunk_start)
-    groups, per = _progress_groups(n_chunks, n_dev)
-    pad = groups * per - n_chunks
-
-    def padded(a, fill=None):
-        a = np.asarray(a)
-        extra = np.repeat(a[-1:], pad, axis=0) if fill is None else np.full((pad,) + a.shape[1:], fill, a.dtype)
-        return np.concatenate([a, extra]) if pad else a
-
-    idx = {k: padded(v) for k, v in idx.items()}
-    chunk_start, chunk_bucket = padded(chunk_start, n_layers), padded(chunk_bucket, 0)
+    groups, per, pad, idx, chunk_start, chunk_bucket = pad_groups(idx, chunk_start, chunk_bucket, n_layers, n_dev)
     bar = tqdm(total=n_chunks, desc=desc, unit="chunk", leave=False, dynamic_ncols=True)
     updates = 0
     try:
