@@ -50,6 +50,7 @@ import numpy as np
 
 from . import metrics as _metrics
 from . import byo as _byo
+from . import multihost as _multihost
 from ._errors import InputError
 from .interventions import NONE, Edit, Interventions
 from .model import HookedModel, check_attention_mask, check_tokens
@@ -335,6 +336,7 @@ def attribution_patch(
     answer_pos=-1,
     token_labels=None,
     attention_mask=None,
+    gather: str = "all",
 ):
     """Estimate every patch of one or several sweeps from gradients (see module docstring).
 
@@ -349,18 +351,30 @@ def attribution_patch(
         targets: several targets at once, ``[(site, by), ...]``; all share one backward pass.
         method: ``"atp"`` (plain), ``"atp*"`` (QK fix + GradDrop), or ``"atp+qk"`` (QK fix only).
         metric: one differentiable metric name or a callable of answer-position logits -> [batch].
+        gather: in a multi-process run, ``"all"`` (default: every process returns the result) or
+            ``"process0"`` (only process 0 does; the others validate the arguments and return
+            ``None`` without computing), as for :func:`jaxpatch.activation_patch`. Attribution is
+            not split over processes: it is one forward and backward pass, which each process that
+            returns a result runs whole on its own first device (no collective), so its numbers
+            equal a single process's (``tests/test_multihost_gather.py``).
 
     Returns:
         a :class:`PatchResult` (one target) or a dict ``site/by -> PatchResult`` (several), whose
         ``values`` are the *estimated* metric after each patch (the run's metric plus the
         estimated change), so they compare directly with :func:`jaxpatch.activation_patch`.
         For ``atp*`` the GradDrop estimate is unsigned (a magnitude used for ranking).
+        ``None`` on processes other than 0 under ``gather="process0"``.
 
     Raises:
-        InputError: a ``by`` with an unknown, repeated or site-foreign axis, or without ``layer``.
+        InputError: a ``by`` with an unknown, repeated or site-foreign axis, or without ``layer``;
+            a ``gather`` other than ``"all"``/``"process0"``.
     """
+    gather = _multihost.check_gather(gather)
     if not isinstance(model, HookedModel):  # a Flax / Equinox / plain-JAX model: jaxpatch.byo's engine
-        return _byo.attribution_patch(**locals())
+        kw = dict(locals())
+        del kw["gather"]
+        res = _byo.attribution_patch(**kw)
+        return res if _multihost.keeps_result(gather) else None
     if direction not in ("denoise", "noise"):
         raise InputError(f"direction must be 'denoise' or 'noise', got {direction!r}.")
     if method not in ("atp", "atp*", "atp+qk"):
@@ -402,6 +416,8 @@ def attribution_patch(
             raise InputError(f"Metric returns {names[0].out_aval.dtype}; attribution needs a floating, differentiable metric.")
     if cfg.n_layers < 2 and method == "atp*":
         raise InputError("GradDrop needs at least 2 layers.")
+    if not _multihost.keeps_result(gather):  # gather="process0" on another process: inputs checked, nothing to compute
+        return None
     m_run, m_src, ests = _atp_core(cfg, model.params, run_tokens, src_tokens, ctx, sites=sites, names=names,
                                    targets=tuple(tlist), method=method, denoise=direction == "denoise")
     m_run, m_src = np.asarray(m_run), np.asarray(m_src)

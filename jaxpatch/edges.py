@@ -15,6 +15,13 @@ node at once, and
 EAP-IG averages the gradient over ``ig_steps`` points on the straight line between the run's and
 the source's token embeddings (midpoint rule; steps are vmapped). Exact edge patching adds
 ``out_u[src] - out_u[run]`` to d's input alone and reruns the model (vmapped over edges).
+
+Across processes (after ``jax.distributed.initialize``) the edge calls are not split: each process
+that returns a result runs the call whole on its own first device, with no collective, so its
+numbers equal a single process's (``tests/test_multihost_gather.py``). ``gather="all"`` (default)
+returns the result on every process; ``gather="process0"`` on process 0 only, the other processes
+validating the arguments and returning ``None`` without computing (any other value is an
+:class:`~jaxpatch.InputError`).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import numpy as np
 
 from . import metrics as _metrics
 from . import models
+from . import multihost as _multihost
 from ._errors import InputError
 from .config import ModelConfig
 from .interventions import Edit, Interventions
@@ -223,15 +231,19 @@ def _setup(model, clean_tokens, corrupt_tokens, metric, answer, wrong, answer_po
 
 def edge_attribution_patch(model: HookedModel, clean_tokens, corrupt_tokens, *, direction="denoise", metric="logit_diff",
                            answer=None, wrong=None, answer_pos=-1, ig_steps: int | None = None,
-                           attention_mask=None) -> EdgeResult:
+                           attention_mask=None, gather: str = "all") -> EdgeResult | None:
     """EAP (``ig_steps=None``) or EAP-IG (``ig_steps=K``) scores for every edge, one call.
 
-    Returns an :class:`EdgeResult` of estimated metric changes per edge and prompt.
+    Returns an :class:`EdgeResult` of estimated metric changes per edge and prompt (``None`` on
+    processes other than 0 under ``gather="process0"``; see the module docstring).
     """
+    gather = _multihost.check_gather(gather)
     if ig_steps is not None and (not isinstance(ig_steps, int) or ig_steps < 1):
         raise InputError(f"ig_steps must be a positive int or None, got {ig_steps!r}.")
     names, run, src, ctx = _setup(model, clean_tokens, corrupt_tokens, metric, answer, wrong, answer_pos, direction,
                                    attention_mask)
+    if not _multihost.keeps_result(gather):  # gather="process0" on another process: nothing to compute
+        return None
     out = _eap_core(model.config, model.params, run, src, ctx, names=names, ig_steps=ig_steps)
     return EdgeResult(EdgeGraph.of(model.config), np.asarray(out), "eap" if ig_steps is None else f"eap-ig{ig_steps}",
                       direction, _metrics.name_of(names[0]))
@@ -254,8 +266,10 @@ def _exact_core(config, params, run_tokens, src_tokens, ctx, up_idx, down_idx, *
 
 
 def exact_edge_patch(model: HookedModel, clean_tokens, corrupt_tokens, edges, *, direction="denoise", metric="logit_diff",
-                     answer=None, wrong=None, answer_pos=-1, attention_mask=None) -> np.ndarray:
-    """Exact effect of patching each edge ``(up_name, down_name)`` alone: ``[n_edges, B]``."""
+                     answer=None, wrong=None, answer_pos=-1, attention_mask=None, gather: str = "all") -> np.ndarray | None:
+    """Exact effect of patching each edge ``(up_name, down_name)`` alone: ``[n_edges, B]``
+    (``None`` on processes other than 0 under ``gather="process0"``; see the module docstring)."""
+    gather = _multihost.check_gather(gather)
     names, run, src, ctx = _setup(model, clean_tokens, corrupt_tokens, metric, answer, wrong, answer_pos, direction,
                                    attention_mask)
     g = EdgeGraph.of(model.config)
@@ -267,6 +281,8 @@ def exact_edge_patch(model: HookedModel, clean_tokens, corrupt_tokens, edges, *,
     bad = [(a, b) for (a, b), i, j in zip(edges, u, v) if not g.valid[i, j]]
     if bad:
         raise InputError(f"Edges must go forward (upstream node before downstream node); invalid: {bad[:5]}.")
+    if not _multihost.keeps_result(gather):  # gather="process0" on another process: nothing to compute
+        return None
     # One edge patched = the circuit engine's masked forward with that one edge carrying the source
     # run's value (jaxpatch.circuits._engine); _exact_core above is its tested slow twin.
     from .circuits import _engine

@@ -18,13 +18,31 @@ the default ``mesh="auto"`` shards the sweep's chunks over **every device of eve
 * with ``checkpoint_dir=``, process 0 writes the checkpoint (give every process the same path;
   the others never write) and broadcasts which groups are done and the values it loaded.
 
+Where the results go is the caller's choice (``gather=`` of :func:`jaxpatch.activation_patch`,
+:func:`jaxpatch.attribution_patch` and the edge calls; :data:`GATHER_MODES`):
+
+* ``gather="all"`` (default): every process returns the whole result (an all-gather per group);
+* ``gather="process0"``: only process 0 returns it; every other process returns ``None``. Each
+  group's metric values travel only to process 0's devices (point-to-point ``ppermute`` sends,
+  :func:`fetch_to_process0`), never to the other processes, and with a checkpoint the values
+  process 0 loaded stay there. Every process still receives one finiteness flag per patch (a bool),
+  so a NaN/inf raises the same :class:`jaxpatch.NonFiniteError` on every process.
+
+The mode is read from a context variable (:func:`gathering`) that the entry points set around the
+sweep, so the sweep engine passes no extra argument.
+
 The result equals a single-process run bitwise (``tests/test_multihost.py``: 2 processes x 2
 CPU devices against one device).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from functools import cache
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -66,11 +84,106 @@ def putter(mesh: Mesh):
     return lambda a, sharded: _global(a, shd if sharded else rep)
 
 
+#: Valid ``gather=`` values: every process returns the result, or process 0 only.
+GATHER_MODES = ("all", "process0")
+
+_GATHER: contextvars.ContextVar[str] = contextvars.ContextVar("jaxpatch_gather", default="all")
+
+
+def check_gather(gather) -> str:
+    """``gather`` if it is one of :data:`GATHER_MODES`, else an :class:`InputError`."""
+    if not isinstance(gather, str) or gather not in GATHER_MODES:
+        raise InputError(f"gather must be 'all' (every process returns the whole result) or 'process0' (only process 0 "
+                         f"does; the others return None and never receive the values); got {gather!r}.")
+    return gather
+
+
+@contextlib.contextmanager
+def gathering(gather: str):
+    """Within the block, multi-process sweeps gather their results as ``gather`` says
+    (:data:`GATHER_MODES`; validated)."""
+    token = _GATHER.set(check_gather(gather))
+    try:
+        yield
+    finally:
+        _GATHER.reset(token)
+
+
+def gather_mode() -> str:
+    """The current ``gather`` mode (``"all"`` outside :func:`gathering`)."""
+    return _GATHER.get()
+
+
+def keeps_result(gather: str | None = None) -> bool:
+    """Whether this process returns the result under ``gather`` (default: the current mode)."""
+    return (gather or gather_mode()) == "all" or jax.process_index() == 0
+
+
 def fetch(tree):
-    """Global arrays gathered whole to this process as numpy (a collective: every process calls)."""
+    """A dispatch group's outputs ``(values [n, chunk, ...], finite [n, chunk])`` (global arrays
+    split along ``"sweep"``) as numpy on this process (a collective: every process calls).
+
+    ``gather="all"``: gathered whole to every process. ``gather="process0"``: see
+    :func:`fetch_to_process0`.
+    """
+    if gather_mode() == "process0":
+        vals, finite = tree
+        return fetch_to_process0(vals, finite)
     from jax.experimental import multihost_utils
 
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+@jax.jit
+def _rows_finite(vals, finite):
+    return finite & jnp.all(jnp.isfinite(vals), axis=tuple(range(finite.ndim, vals.ndim)))
+
+
+def fetch_to_process0(vals: jax.Array, finite: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+    """``values`` brought to process 0 only (a collective: every process calls).
+
+    Process 0 gets ``(values, finite)`` as numpy. Every other process gets a placeholder: zeros for
+    the values and, for ``finite``, whether each patched run's logits *and* metric values were
+    finite (the flags, one bool per patch, are all-gathered: small), so that the engine's NaN check raises alike
+    on every process. The values move by ``ppermute`` rounds, each sending up to one shard per
+    device of process 0 from the devices of the other processes: only process 0 receives them.
+    """
+    from jax.experimental import multihost_utils
+
+    mesh = vals.sharding.mesh
+    finite, ok = (np.asarray(x) for x in multihost_utils.process_allgather((finite, _rows_finite(vals, finite)), tiled=True))
+    devs = list(mesh.devices.flat)
+    first = tuple(i for i, d in enumerate(devs) if d.process_index == 0)
+    rest = [i for i, d in enumerate(devs) if d.process_index != 0]
+    perms = tuple(tuple((src, first[t]) for t, src in enumerate(rest[j:j + len(first)]))
+                  for j in range(0, len(rest), len(first)))
+    moved = _to_process0(mesh, perms)(vals)
+    if jax.process_index() != 0:
+        jax.block_until_ready(moved)  # this process's sends are done before it moves on
+        return np.zeros(vals.shape, vals.dtype), ok
+    rows = vals.shape[0] // len(devs)  # rows of values per device (the "sweep" split)
+    where = {d: i for i, d in enumerate(devs)}
+    out = np.empty(vals.shape, vals.dtype)
+    for sh in vals.addressable_shards:
+        out[sh.index] = np.asarray(sh.data)
+    for perm, arr in zip(perms, moved):
+        src_of = {dst: src for src, dst in perm}
+        for sh in arr.addressable_shards:
+            src = src_of.get(where[sh.device])
+            if src is not None:
+                out[src * rows:(src + 1) * rows] = np.asarray(sh.data)
+    return out, finite
+
+
+@cache
+def _to_process0(mesh: Mesh, perms: tuple):
+    """A program moving, in round ``r``, the ``"sweep"`` shard of each device ``src`` of
+    ``perms[r]`` to its process-0 device ``dst`` (devices receiving nothing get zeros)."""
+
+    def body(x):
+        return tuple(jax.lax.ppermute(x, "sweep", list(p)) for p in perms)
+
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("sweep"), out_specs=P("sweep"), check_vma=False))
 
 
 def check_same(what: str, digest: str) -> None:

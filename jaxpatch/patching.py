@@ -22,6 +22,7 @@ import numpy as np
 
 from . import metrics as _metrics
 from . import byo as _byo
+from . import multihost as _multihost
 from . import sweep as _sweep
 from ._errors import InputError, NonFiniteError
 from .interventions import NONE, Interventions, add
@@ -166,7 +167,8 @@ def activation_patch(
     attention_mask=None,
     checkpoint_dir=None,
     memory_budget: int | str | None = None,
-) -> PatchResult:
+    gather: str = "all",
+) -> PatchResult | None:
     """Patch every component of a sweep and measure several metrics, in one compiled program.
 
     Args:
@@ -218,17 +220,25 @@ def activation_patch(
             chunk size is then chosen from the compiled program's memory analysis (on GPUs/TPUs
             the device's reported free memory is used without it; ``chunk_size`` overrides).
             :class:`jaxpatch.planner.MemoryPlanError` says what to change when nothing fits.
+        gather: where the result goes in a multi-process run (after ``jax.distributed.initialize``;
+            see :mod:`jaxpatch.multihost`): ``"all"`` (default) returns it on every process;
+            ``"process0"`` on process 0 only, every other process returning ``None`` (their values
+            are sent to process 0 alone, never gathered to them). In one process both are the same.
 
     Returns:
-        a :class:`PatchResult`.
+        a :class:`PatchResult` (``None`` on processes other than 0 under ``gather="process0"``).
 
     Raises:
         InputError: a bad argument (named, with what is valid).
         NonFiniteError: a NaN/inf in a baseline run, or in a patched run's logits or metric
             values (the message names the patches).
     """
+    gather = _multihost.check_gather(gather)
     if not isinstance(model, HookedModel):  # a Flax / Equinox / plain-JAX model: jaxpatch.byo's engine
-        return _byo.activation_patch(**locals())
+        kw = dict(locals())
+        del kw["gather"]
+        res = _byo.activation_patch(**kw)
+        return res if _multihost.keeps_result(gather) else None
     if direction not in DIRECTIONS:
         raise InputError(f"direction must be one of {DIRECTIONS}, got {direction!r}.")
     if baseline not in BASELINES:
@@ -339,9 +349,12 @@ def activation_patch(
             prompts=(clean, corrupt_tokens, mask, reference_tokens), answers=(ans, wr, apos),
             options=(direction, baseline, noise_positions, noise_scale, n_noise, seed))
     t0 = time.perf_counter()
-    out, pl = _sweep.run(cfg, model.params, spec, run_cache, source, src_stacked, static_names, ctx, T, run_ivs=run_ivs,
-                     chunk_size=chunk_size, mesh=mesh, position_buckets=position_buckets, progress=progress,
-                     checkpoint=checkpoint, memory_budget=memory_budget)
+    with _multihost.gathering(gather):  # read by multihost.fetch / resume.run_groups in a multi-process sweep
+        out, pl = _sweep.run(cfg, model.params, spec, run_cache, source, src_stacked, static_names, ctx, T,
+                             run_ivs=run_ivs, chunk_size=chunk_size, mesh=mesh, position_buckets=position_buckets,
+                             progress=progress, checkpoint=checkpoint, memory_budget=memory_budget)
+    if not _multihost.keeps_result(gather):  # gather="process0" on another process: it holds zeros, not the result
+        return None
     out = np.asarray(out)  # [P, M, rep*B]: the one host transfer
     sweep_s = time.perf_counter() - t0
 

@@ -257,8 +257,11 @@ def run_groups(core: Callable, idx: Mapping[str, np.ndarray], chunk_start: np.nd
 
     ``put(array, sharded: bool)`` places a group's inputs (sharded along chunks or replicated),
     ``fetch(out)`` brings a group's outputs to this host as numpy (in a multi-process run: from
-    every process; see :mod:`jaxpatch.multihost`). Only chunks ``< n_real`` are real; later ones
-    pad the chunk count to a multiple of the device count and run no layer. The bar (counted in
+    every process, to every process or to process 0 only as :func:`jaxpatch.multihost.gather_mode`
+    says; see :mod:`jaxpatch.multihost`). Under ``gather="process0"`` the other processes hold
+    zeros for the values and, as ``finite``, whether each patch's logits and values were finite.
+    Only chunks ``< n_real`` are real; later ones pad the chunk count to a multiple of the device
+    count and run no layer. The bar (counted in
     chunks) is drawn where ``show_bar``; every process runs the same dispatches.
     """
     from . import sweep as _sweep
@@ -306,7 +309,15 @@ def run_groups(core: Callable, idx: Mapping[str, np.ndarray], chunk_start: np.nd
     if checkpoint is not None and jax.process_count() > 1:  # chunks loaded on process 0 reach every process
         from jax.experimental import multihost_utils
 
-        vals, finite = (np.asarray(x) for x in multihost_utils.broadcast_one_to_all((vals, finite)))
+        from . import multihost as _multihost
+
+        if _multihost.gather_mode() == "process0":  # the values stay on process 0; the others get the NaN flags
+            ok = finite & np.all(np.isfinite(vals), axis=tuple(range(finite.ndim, vals.ndim)))
+            ok = np.asarray(multihost_utils.broadcast_one_to_all(ok))
+            if jax.process_index() != 0:
+                vals, finite = np.zeros_like(vals), ok
+        else:
+            vals, finite = (np.asarray(x) for x in multihost_utils.broadcast_one_to_all((vals, finite)))
     last_run.clear()
     last_run.update(groups=groups, loaded=groups - len(todo), computed=len(todo),
                     chunks_computed=sum(min(per, max(0, n_real - g * per)) for g in todo))

@@ -1,0 +1,207 @@
+"""Where multi-process results go (``gather=``; jaxpatch/multihost.py): 2 local processes x 2 CPU
+devices each, joined by ``jax.distributed.initialize`` (gloo collectives).
+
+* ``gather="all"`` (default): every process returns the whole result;
+* ``gather="process0"``: process 0 returns it (bitwise equal to one process on one device), the
+  other returns ``None``, and no floating-point array is gathered or broadcast between processes
+  (only the per-patch finiteness flags and the input digests), with or without a checkpoint;
+* attribution and the edge calls (not split over processes) give every process that returns a
+  result the single-process numbers, bitwise; under ``"process0"`` the others get ``None``;
+* a bad ``gather`` is an :class:`InputError` in every entry point.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import jaxpatch
+from tests.helpers import CHILD_SWEEP_SETUP
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: A child process of a 2-process run: argv = process id, coordinator port, output directory.
+PREAMBLE = """
+import os, sys
+pid, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+import jax
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
+                           initialization_timeout=120)
+assert (jax.device_count(), jax.local_device_count(), jax.process_count()) == (4, 2, 2)
+""" + CHILD_SWEEP_SETUP
+
+EDGES = [("embed", "L1H0.q"), ("L0H1", "logits"), ("MLP0", "MLP1.in"), ("L0H2", "L1H3.v")]
+
+CHILD = PREAMBLE + """
+from jax.experimental import multihost_utils
+from jaxpatch import multihost, resume, sweep
+
+moved = []  # "function:dtype kind" of every array gathered or broadcast between the processes
+
+
+def spy(name, f):
+    def wrapped(tree, *a, **k):
+        moved.extend(f"{name}:{np.dtype(x.dtype).kind}" for x in jax.tree.leaves(tree))
+        return f(tree, *a, **k)
+    return wrapped
+
+
+multihost_utils.process_allgather = spy("allgather", multihost_utils.process_allgather)
+multihost_utils.broadcast_one_to_all = spy("broadcast", multihost_utils.broadcast_one_to_all)
+res, comm = {}, {}
+
+
+def call(key, f, **kw):
+    moved.clear()
+    r = f(**kw)
+    comm[key] = sorted(set(moved))
+    r = getattr(r, "per_prompt", r)
+    res[key] = np.asarray("None") if r is None else np.asarray(r)
+
+
+ap = lambda **kw: jaxpatch.activation_patch(model, clean, corrupt, progress=False, **KW, **kw)  # noqa: E731
+call("all", ap)
+call("first", ap, gather="process0")
+ckpt = os.path.join(out, "ckpt")
+call("ckpt_first", ap, gather="process0", checkpoint_dir=ckpt)
+runs = [resume.last_run["computed"], resume.last_run["loaded"]]
+call("ckpt_again", ap, gather="process0", checkpoint_dir=ckpt)
+runs += [resume.last_run["computed"], resume.last_run["loaded"]]
+
+ans = dict(answer=KW["answer"], wrong=KW["wrong"])
+call("atp", lambda **kw: jaxpatch.attribution_patch(model, clean, corrupt, site="z", method="atp*", **ans, **kw))
+call("atp_first", lambda **kw: jaxpatch.attribution_patch(model, clean, corrupt, site="z", method="atp*", **ans, **kw),
+     gather="process0")
+call("eap", lambda **kw: jaxpatch.edges.edge_attribution_patch(model, clean, corrupt, ig_steps=3, **ans, **kw))
+call("eap_first", lambda **kw: jaxpatch.edges.edge_attribution_patch(model, clean, corrupt, ig_steps=3, **ans, **kw),
+     gather="process0")
+edges = """ + repr(EDGES) + """
+call("exact", lambda **kw: jaxpatch.edges.exact_edge_patch(model, clean, corrupt, edges, **ans, **kw))
+call("exact_first", lambda **kw: jaxpatch.edges.exact_edge_patch(model, clean, corrupt, edges, **ans, **kw), gather="process0")
+
+# The mechanism on a hand-made dispatch group: a NaN value in row 5, a non-finite run in row 2.
+put = multihost.putter(sweep.default_mesh())
+v = np.arange(24, dtype=np.float32).reshape(8, 3)
+v[5, 1] = np.nan
+f = np.ones(8, bool)
+f[2] = False
+hv, hf = multihost.fetch_to_process0(put(v, True), put(f, True))
+np.savez(os.path.join(out, f"p{pid}.npz"), runs=np.asarray(runs), hv=hv, hf=hf, **res,
+         **{"comm_" + k: np.asarray(v) for k, v in comm.items()})
+print("CHILD DONE", flush=True)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(tmp_path, model) -> dict:
+    """The children's environment: 2 CPU devices each, and ``model``'s weights in a file (random
+    init in each child would be dozens of small compiles)."""
+    flat = jax.tree_util.tree_flatten_with_path(model.params)[0]
+    np.savez(tmp_path / "w.npz", **{"/".join(k.key for k in kp): np.asarray(v) for kp, v in flat})
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "JAXPATCH_TEST_WEIGHTS": str(tmp_path / "w.npz")}
+    env.pop("PYTEST_CURRENT_TEST", None)
+    return env
+
+
+def start_two(code: str, out, env) -> list[subprocess.Popen]:
+    port = free_port()
+    return [subprocess.Popen([sys.executable, "-c", code, str(i), str(port), str(out)], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+
+def run_two(code: str, out, env, timeout: float = 300) -> list[tuple[int, str, str]]:
+    """Run ``code`` as processes 0 and 1 of one job; each must finish within ``timeout`` seconds
+    (both are killed otherwise). Returns ``(returncode, stdout, stderr)`` per process."""
+    procs = start_two(code, out, env)
+    logs = []
+    try:
+        for p in procs:
+            o, e = p.communicate(timeout=timeout)
+            logs.append((p.returncode, o, e))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for i, (rc, o, e) in enumerate(logs):
+        assert rc == 0 and "CHILD DONE" in o, f"process {i}: rc={rc}\n{o[-2000:]}\n{e[-4000:]}"
+    return logs
+
+
+@pytest.fixture(scope="module")
+def ns():
+    d: dict = {}
+    exec(CHILD_SWEEP_SETUP, d)  # noqa: S102 (the sweep the children run)
+    return d
+
+
+@pytest.mark.slow
+def test_gather_to_process0_and_everywhere_across_two_processes(tmp_path, ns):
+    run_two(CHILD, tmp_path, child_env(tmp_path, ns["model"]))
+    model, clean, corrupt, KW = ns["model"], ns["clean"], ns["corrupt"], ns["KW"]
+    ans = {"answer": KW["answer"], "wrong": KW["wrong"]}
+    ref = {"sweep": jaxpatch.activation_patch(model, clean, corrupt, mesh=None, **KW).per_prompt,
+           "atp": jaxpatch.attribution_patch(model, clean, corrupt, site="z", method="atp*", **ans).per_prompt,
+           "eap": jaxpatch.edges.edge_attribution_patch(model, clean, corrupt, ig_steps=3, **ans).per_prompt,
+           "exact": jaxpatch.edges.exact_edge_patch(model, clean, corrupt, EDGES, **ans)}
+    z = [np.load(tmp_path / f"p{i}.npz") for i in range(2)]
+    for i in range(2):  # gather="all": every process holds the whole result, bitwise
+        for key, want in (("all", "sweep"), ("atp", "atp"), ("eap", "eap"), ("exact", "exact")):
+            assert z[i][key].tobytes() == ref[want].tobytes(), (i, key)
+    # gather="process0": process 0 holds the result, bitwise; process 1 got None
+    for key, want in (("first", "sweep"), ("ckpt_first", "sweep"), ("ckpt_again", "sweep"), ("atp_first", "atp"),
+                      ("eap_first", "eap"), ("exact_first", "exact")):
+        assert z[0][key].tobytes() == ref[want].tobytes(), key
+        assert str(z[1][key]) == "None", key
+    assert z[0]["runs"].tolist() == z[1]["runs"].tolist() == [4, 0, 0, 4]  # 4 groups computed, then all 4 loaded
+    # Nothing floating-point moved between processes under "process0" (values go by ppermute to
+    # process 0's devices only): only input digests (u), finiteness flags (b) and done-groups (b).
+    for i in range(2):
+        assert any(c.endswith(":f") for c in z[i]["comm_all"]), z[i]["comm_all"]
+        for key in ("first", "ckpt_first", "ckpt_again", "atp_first", "eap_first", "exact_first"):
+            assert not any(c.endswith(":f") for c in z[i]["comm_" + key]), (i, key, z[i]["comm_" + key])
+    # fetch_to_process0 on a hand-made group: process 0 gets the values and the run flags; process 1
+    # zeros, and flags saying which patches' runs or values were not finite (rows 2 and 5).
+    v = np.arange(24, dtype=np.float32).reshape(8, 3)
+    v[5, 1] = np.nan
+    np.testing.assert_array_equal(z[0]["hv"], v)
+    assert z[0]["hf"].tolist() == [True, True, False, True, True, True, True, True]
+    assert not z[1]["hv"].any() and z[1]["hv"].shape == (8, 3) and z[1]["hv"].dtype == np.float32
+    assert z[1]["hf"].tolist() == [True, True, False, True, True, False, True, True]
+
+
+def test_gather_process0_in_one_process_returns_the_result(ns):
+    """In one process, process 0 is this one: "process0" returns what "all" returns."""
+    model, clean, corrupt, KW = ns["model"], ns["clean"], ns["corrupt"], ns["KW"]
+    a = jaxpatch.activation_patch(model, clean, corrupt, mesh=None, **KW)
+    b = jaxpatch.activation_patch(model, clean, corrupt, mesh=None, gather="process0", **KW)
+    assert a.per_prompt.tobytes() == b.per_prompt.tobytes()
+    e = jaxpatch.edges.exact_edge_patch(model, clean, corrupt, EDGES[:1], answer=KW["answer"], wrong=KW["wrong"],
+                                  gather="process0")
+    assert e.shape == (1, 3)
+
+
+@pytest.mark.parametrize("bad", ["first", "ALL", 0, None, ("all",)])
+def test_a_bad_gather_is_refused_by_every_entry_point(ns, bad):
+    model, clean, corrupt, KW = ns["model"], ns["clean"], ns["corrupt"], ns["KW"]
+    ans = {"answer": KW["answer"], "wrong": KW["wrong"]}
+    calls = [lambda: jaxpatch.activation_patch(model, clean, corrupt, gather=bad, **KW),
+             lambda: jaxpatch.attribution_patch(model, clean, corrupt, gather=bad, **ans),
+             lambda: jaxpatch.edges.edge_attribution_patch(model, clean, corrupt, gather=bad, **ans),
+             lambda: jaxpatch.edges.exact_edge_patch(model, clean, corrupt, EDGES, gather=bad, **ans)]
+    for f in calls:
+        with pytest.raises(jaxpatch.InputError, match=r"gather must be 'all' .* or 'process0'"):
+            f()
