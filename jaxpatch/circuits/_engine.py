@@ -144,7 +144,7 @@ def sharded_map(fn, shared, items, chunk: int, mesh):
     """``lax.map(lambda it: fn(shared, it), items, batch_size=chunk)`` over the leading axis of
     ``items``; with a 1-D ``("sweep",)`` mesh the items are padded (repeating the first) to a
     multiple of its size and split over its devices, each mapping its share (``shard_map``), and
-    ``shared`` is replicated."""
+    ``shared`` is replicated. ``chunk=None``: one item at a time (``fn`` vectorises itself)."""
     if mesh is None:
         return jax.lax.map(lambda it: fn(shared, it), items, batch_size=chunk)
     from jax.sharding import PartitionSpec as P
@@ -155,7 +155,8 @@ def sharded_map(fn, shared, items, chunk: int, mesh):
     if pad:
         items = jax.tree_util.tree_map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad, axis=0)], axis=0), items)
     per = (n + pad) // d
-    run = jax.shard_map(lambda sh, it: jax.lax.map(lambda x: fn(sh, x), it, batch_size=min(chunk, per)), mesh=mesh,
+    size = None if chunk is None else min(chunk, per)
+    run = jax.shard_map(lambda sh, it: jax.lax.map(lambda x: fn(sh, x), it, batch_size=size), mesh=mesh,
                         in_specs=(P(), P("sweep")), out_specs=P("sweep"), check_vma=False)
     return jax.tree_util.tree_map(lambda a: a[:n], run(shared, items))
 
