@@ -336,6 +336,7 @@ def attribution_patch(
     answer_pos=-1,
     token_labels=None,
     attention_mask=None,
+    mesh="auto",
     gather: str = "all",
 ):
     """Estimate every patch of one or several sweeps from gradients (see module docstring).
@@ -351,12 +352,19 @@ def attribution_patch(
         targets: several targets at once, ``[(site, by), ...]``; all share one backward pass.
         method: ``"atp"`` (plain), ``"atp*"`` (QK fix + GradDrop), or ``"atp+qk"`` (QK fix only).
         metric: one differentiable metric name or a callable of answer-position logits -> [batch].
+        mesh: ``"auto"`` (default): in a multi-process run (after ``jax.distributed.initialize``)
+            the prompts are split over the processes, each computing ``ceil(batch / processes)``
+            of them on its first device, and the per-prompt estimates gathered (a collective: every
+            process must call); with a user metric (which may mix prompts), or in one process, the
+            whole call runs on each process's first device. ``None``: the whole call on this
+            process's first device, no collective. Estimates of a prompt computed in a smaller
+            batch equal the whole batch's to float rounding (XLA may block a matmul differently):
+            ``tests/test_multihost_gather.py`` checks 2 processes against 1 to 1e-5 relative.
         gather: in a multi-process run, ``"all"`` (default: every process returns the result) or
-            ``"process0"`` (only process 0 does; the others validate the arguments and return
-            ``None`` without computing), as for :func:`jaxpatch.activation_patch`. Attribution is
-            not split over processes: it is one forward and backward pass, which each process that
-            returns a result runs whole on its own first device (no collective), so its numbers
-            equal a single process's (``tests/test_multihost_gather.py``).
+            ``"process0"`` (only process 0 does; the others return ``None``), as for
+            :func:`jaxpatch.activation_patch`. With the prompts split, the estimates travel to
+            process 0 only; without, the other processes validate the arguments and return
+            ``None`` without computing.
 
     Returns:
         a :class:`PatchResult` (one target) or a dict ``site/by -> PatchResult`` (several), whose
@@ -367,12 +375,13 @@ def attribution_patch(
 
     Raises:
         InputError: a ``by`` with an unknown, repeated or site-foreign axis, or without ``layer``;
-            a ``gather`` other than ``"all"``/``"process0"``.
+            a ``gather`` other than ``"all"``/``"process0"``; a ``mesh`` other than ``"auto"``/``None``.
     """
     gather = _multihost.check_gather(gather)
-    if not isinstance(model, HookedModel):  # a Flax / Equinox / plain-JAX model: jaxpatch.byo's engine
+    _multihost.check_prompt_mesh(mesh)
+    if not isinstance(model, HookedModel):  # a Flax / Equinox / plain-JAX model: jaxpatch.byo's engine (one process)
         kw = dict(locals())
-        del kw["gather"]
+        del kw["gather"], kw["mesh"]
         res = _byo.attribution_patch(**kw)
         return res if _multihost.keeps_result(gather) else None
     if direction not in ("denoise", "noise"):
@@ -416,10 +425,23 @@ def attribution_patch(
             raise InputError(f"Metric returns {names[0].out_aval.dtype}; attribution needs a floating, differentiable metric.")
     if cfg.n_layers < 2 and method == "atp*":
         raise InputError("GradDrop needs at least 2 layers.")
-    if not _multihost.keeps_result(gather):  # gather="process0" on another process: inputs checked, nothing to compute
+    share = _multihost.prompt_share(mesh, B, names)  # this process's prompts when they are split over processes
+    if share is None and not _multihost.keeps_result(gather):  # "process0" on another process: nothing to compute
         return None
+    if share is not None:  # every process must hold the same call: never a silent mix of two
+        from .resume import fingerprint
+
+        _multihost.check_same("inputs (model weights, prompts, targets, metric or options)", fingerprint(
+            cfg, model.params, run_tokens, src_tokens, ctx, sites, names, tuple(tlist), method, direction))
+        run_tokens, src_tokens = run_tokens[share], src_tokens[share]
+        ctx = {k: (v if k == "metric_consts" else v[share]) for k, v in ctx.items()}
     m_run, m_src, ests = _atp_core(cfg, model.params, run_tokens, src_tokens, ctx, sites=sites, names=names,
                                    targets=tuple(tlist), method=method, denoise=direction == "denoise")
+    if share is not None:
+        gathered = _multihost.gather_prompts((m_run, m_src, ests), B, gather)
+        if gathered is None:  # "process0" on another process
+            return None
+        m_run, m_src, ests = gathered
     m_run, m_src = np.asarray(m_run), np.asarray(m_src)
     m_clean, m_corrupt = (m_src, m_run) if direction == "denoise" else (m_run, m_src)
     elapsed = time.perf_counter() - t0

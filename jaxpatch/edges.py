@@ -16,12 +16,16 @@ EAP-IG averages the gradient over ``ig_steps`` points on the straight line betwe
 the source's token embeddings (midpoint rule; steps are vmapped). Exact edge patching adds
 ``out_u[src] - out_u[run]`` to d's input alone and reruns the model (vmapped over edges).
 
-Across processes (after ``jax.distributed.initialize``) the edge calls are not split: each process
-that returns a result runs the call whole on its own first device, with no collective, so its
-numbers equal a single process's (``tests/test_multihost_gather.py``). ``gather="all"`` (default)
-returns the result on every process; ``gather="process0"`` on process 0 only, the other processes
-validating the arguments and returning ``None`` without computing (any other value is an
-:class:`~jaxpatch.InputError`).
+Across processes (after ``jax.distributed.initialize``), :func:`edge_attribution_patch` with
+``mesh="auto"`` (default) splits the prompts over the processes (each computes
+``ceil(batch / processes)`` of them on its first device; a collective, every process calls; a user
+metric runs whole on each process), equal to one process to float rounding (a prompt's estimate in
+a smaller batch may round differently; ``tests/test_multihost_gather.py``: 1e-5 relative).
+:func:`exact_edge_patch` is not split: each process that returns a result runs it whole on its first
+device, with no collective, bitwise equal to one process. ``gather="all"`` (default) returns the
+result on every process; ``gather="process0"`` on process 0 only, the others returning ``None``
+(split estimates travel to process 0 alone; an unsplit call is not computed there). Any other
+value is an :class:`~jaxpatch.InputError`.
 """
 
 from __future__ import annotations
@@ -231,20 +235,38 @@ def _setup(model, clean_tokens, corrupt_tokens, metric, answer, wrong, answer_po
 
 def edge_attribution_patch(model: HookedModel, clean_tokens, corrupt_tokens, *, direction="denoise", metric="logit_diff",
                            answer=None, wrong=None, answer_pos=-1, ig_steps: int | None = None,
-                           attention_mask=None, gather: str = "all") -> EdgeResult | None:
+                           attention_mask=None, mesh="auto", gather: str = "all") -> EdgeResult | None:
     """EAP (``ig_steps=None``) or EAP-IG (``ig_steps=K``) scores for every edge, one call.
+
+    ``mesh="auto"`` splits the prompts over the processes of a multi-process run (``None``: the
+    whole call on this process; see the module docstring and
+    :func:`jaxpatch.attribution_patch`'s ``mesh``).
 
     Returns an :class:`EdgeResult` of estimated metric changes per edge and prompt (``None`` on
     processes other than 0 under ``gather="process0"``; see the module docstring).
     """
     gather = _multihost.check_gather(gather)
+    _multihost.check_prompt_mesh(mesh)
     if ig_steps is not None and (not isinstance(ig_steps, int) or ig_steps < 1):
         raise InputError(f"ig_steps must be a positive int or None, got {ig_steps!r}.")
     names, run, src, ctx = _setup(model, clean_tokens, corrupt_tokens, metric, answer, wrong, answer_pos, direction,
                                    attention_mask)
-    if not _multihost.keeps_result(gather):  # gather="process0" on another process: nothing to compute
+    B = run.shape[0]
+    share = _multihost.prompt_share(mesh, B, names)  # this process's prompts when they are split over processes
+    if share is None and not _multihost.keeps_result(gather):  # "process0" on another process: nothing to compute
         return None
+    if share is not None:  # every process must hold the same call: never a silent mix of two
+        from .resume import fingerprint
+
+        _multihost.check_same("inputs (model weights, prompts, metric or options)", fingerprint(
+            model.config, model.params, run, src, ctx, names, ig_steps, direction))
+        run, src = run[share], src[share]
+        ctx = {k: (v if k == "metric_consts" else v[share]) for k, v in ctx.items()}
     out = _eap_core(model.config, model.params, run, src, ctx, names=names, ig_steps=ig_steps)
+    if share is not None:
+        out = _multihost.gather_prompts(out, B, gather)
+        if out is None:  # "process0" on another process
+            return None
     return EdgeResult(EdgeGraph.of(model.config), np.asarray(out), "eap" if ig_steps is None else f"eap-ig{ig_steps}",
                       direction, _metrics.name_of(names[0]))
 

@@ -31,6 +31,12 @@ Where the results go is the caller's choice (``gather=`` of :func:`jaxpatch.acti
 The mode is read from a context variable (:func:`gathering`) that the entry points set around the
 sweep, so the sweep engine passes no extra argument.
 
+Attribution (:func:`jaxpatch.attribution_patch`) and edge estimates
+(:func:`jaxpatch.edges.edge_attribution_patch`) are one forward and backward pass, not a sweep:
+with ``mesh="auto"`` they split the *prompts* over the processes (:func:`prompt_share`; built-in
+metrics, each prompt's value its own), each process running its share on its first device, and
+gather the per-prompt estimates as ``gather=`` says (:func:`gather_prompts`).
+
 The result equals a single-process run bitwise (``tests/test_multihost.py``: 2 processes x 2
 CPU devices against one device).
 """
@@ -144,27 +150,38 @@ def fetch_to_process0(vals: jax.Array, finite: jax.Array) -> tuple[np.ndarray, n
 
     Process 0 gets ``(values, finite)`` as numpy. Every other process gets a placeholder: zeros for
     the values and, for ``finite``, whether each patched run's logits *and* metric values were
-    finite (the flags, one bool per patch, are all-gathered: small), so that the engine's NaN check raises alike
-    on every process. The values move by ``ppermute`` rounds, each sending up to one shard per
-    device of process 0 from the devices of the other processes: only process 0 receives them.
+    finite (the flags, one bool per patch, are all-gathered: small), so that the engine's NaN check
+    raises alike on every process. The values move as :func:`to_process0` says: only process 0
+    receives them.
     """
     from jax.experimental import multihost_utils
 
-    mesh = vals.sharding.mesh
     finite, ok = (np.asarray(x) for x in multihost_utils.process_allgather((finite, _rows_finite(vals, finite)), tiled=True))
+    out = to_process0(vals)
+    if out is None:
+        return np.zeros(vals.shape, vals.dtype), ok
+    return out, finite
+
+
+def to_process0(x: jax.Array) -> np.ndarray | None:
+    """A global array split along the ``"sweep"`` axis of its mesh, whole as numpy on process 0
+    (``None`` on the others; a collective: every process calls). It moves by ``ppermute`` rounds,
+    each sending up to one shard per device of process 0 from the devices of the other processes,
+    so no other process receives anything."""
+    mesh = x.sharding.mesh
     devs = list(mesh.devices.flat)
     first = tuple(i for i, d in enumerate(devs) if d.process_index == 0)
     rest = [i for i, d in enumerate(devs) if d.process_index != 0]
     perms = tuple(tuple((src, first[t]) for t, src in enumerate(rest[j:j + len(first)]))
                   for j in range(0, len(rest), len(first)))
-    moved = _to_process0(mesh, perms)(vals)
+    moved = _to_process0(mesh, perms)(x)
     if jax.process_index() != 0:
         jax.block_until_ready(moved)  # this process's sends are done before it moves on
-        return np.zeros(vals.shape, vals.dtype), ok
-    rows = vals.shape[0] // len(devs)  # rows of values per device (the "sweep" split)
+        return None
+    rows = x.shape[0] // len(devs)  # rows per device (the "sweep" split)
     where = {d: i for i, d in enumerate(devs)}
-    out = np.empty(vals.shape, vals.dtype)
-    for sh in vals.addressable_shards:
+    out = np.empty(x.shape, x.dtype)
+    for sh in x.addressable_shards:
         out[sh.index] = np.asarray(sh.data)
     for perm, arr in zip(perms, moved):
         src_of = {dst: src for src, dst in perm}
@@ -172,7 +189,53 @@ def fetch_to_process0(vals: jax.Array, finite: jax.Array) -> tuple[np.ndarray, n
             src = src_of.get(where[sh.device])
             if src is not None:
                 out[src * rows:(src + 1) * rows] = np.asarray(sh.data)
-    return out, finite
+    return out
+
+
+# ------------------------------------------------------------------ prompts split over processes
+def check_prompt_mesh(mesh) -> None:
+    """``mesh=`` of the attribution and edge-estimate calls: ``"auto"`` or ``None``."""
+    if not (mesh is None or (isinstance(mesh, str) and mesh == "auto")):
+        raise InputError(f"mesh must be 'auto' (in a multi-process run, split the prompts over the processes) or None "
+                         f"(run the whole call on this process's first device); got {mesh!r}.")
+
+
+def prompt_share(mesh, batch: int, names) -> np.ndarray | None:
+    """The prompts this process computes when a call splits its prompts over processes: under
+    ``mesh="auto"`` in a multi-process run with built-in metrics only (each prompt's value depends
+    on that prompt alone; a user metric may mix prompts, so it runs whole on every process),
+    ``ceil(batch / processes)`` indices, process ``i`` taking the ``i``-th block (the last blocks
+    padded by repeating prompt ``batch - 1``, so every process compiles the same shapes). Else
+    ``None``: the whole call runs on each process."""
+    check_prompt_mesh(mesh)
+    if mesh is None or jax.process_count() == 1 or not all(isinstance(n, str) for n in names):
+        return None
+    n, i = jax.process_count(), jax.process_index()
+    per = -(-batch // n)
+    return np.minimum(np.arange(i * per, (i + 1) * per), batch - 1)
+
+
+def gather_prompts(tree, batch: int, gather: str):
+    """Each process's share (:func:`prompt_share`) of per-prompt results, leaves ``[..., share]``
+    (prompt axis last), as the whole ``[..., batch]``: on every process (``gather="all"``, an
+    all-gather) or on process 0 only (``"process0"``, :func:`to_process0`; ``None`` elsewhere).
+    A collective: every process calls."""
+    from jax.experimental import multihost_utils
+
+    leaves, treedef = jax.tree.flatten(tree)
+    front = [np.ascontiguousarray(np.moveaxis(np.asarray(x), -1, 0)) for x in leaves]  # [share, ...]
+    n = jax.process_count()
+    if gather == "all":
+        every = [np.asarray(e) for e in multihost_utils.process_allgather(front, tiled=True)]  # [n * share, ...]
+    else:
+        devs = [min((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id) for p in range(n)]
+        sharding = NamedSharding(Mesh(np.array(devs), ("sweep",)), P("sweep"))
+        mine = devs[jax.process_index()]
+        every = [to_process0(jax.make_array_from_single_device_arrays((n * x.shape[0],) + x.shape[1:], sharding,
+                                                                      [jax.device_put(x, mine)])) for x in front]
+        if jax.process_index() != 0:
+            return None
+    return jax.tree.unflatten(treedef, [np.moveaxis(e[:batch], 0, -1) for e in every])
 
 
 @cache

@@ -2,8 +2,9 @@
 ``jax.distributed.initialize`` (gloo collectives), run the same ``activation_patch`` sharded over
 all 4 devices; every process gets the whole result, bitwise equal to one process on one device.
 The progress bar is drawn by process 0 only; a checkpoint is written by process 0 and resumed by
-both; processes given different prompts are refused; attribution (not sharded: each process
-computes it alone) gives every process the single-process numbers."""
+both; processes given different prompts are refused; attribution (its prompts split over the
+processes) gives every process the single-process numbers to float rounding (more in
+tests/test_multihost_gather.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 import jaxpatch
-from tests.helpers import CHILD_SWEEP_SETUP
+from tests.helpers import CHILD_SWEEP_SETUP, rel_err
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,8 +92,8 @@ def test_two_processes_equal_one_process_bitwise(tmp_path):
         z = np.load(tmp_path / f"p{i}.npz")
         for key in ("plain", "first", "again"):  # every process holds the whole result, bitwise
             assert z[key].tobytes() == ref.tobytes(), (i, key, np.abs(z[key] - ref).max())
-        # attribution runs on each process alone (one forward/backward): the same numbers everywhere
-        assert z["atp"].tobytes() == atp.per_prompt.tobytes()
+        # attribution splits the prompts over the processes: the single-process numbers to rounding
+        assert z["atp"].shape == atp.per_prompt.shape and rel_err(z["atp"], atp.per_prompt) <= 1e-5
         # 16 chunks on 4 devices: 4 groups computed, then all 4 loaded from process 0's checkpoint
         assert z["runs"].tolist() == [4, 4, 0, 4]
         assert "different inputs" in str(z["refused"]) and "process(es) [1]" in str(z["refused"])

@@ -5,9 +5,12 @@ devices each, joined by ``jax.distributed.initialize`` (gloo collectives).
 * ``gather="process0"``: process 0 returns it (bitwise equal to one process on one device), the
   other returns ``None``, and no floating-point array is gathered or broadcast between processes
   (only the per-patch finiteness flags and the input digests), with or without a checkpoint;
-* attribution and the edge calls (not split over processes) give every process that returns a
-  result the single-process numbers, bitwise; under ``"process0"`` the others get ``None``;
-* a bad ``gather`` is an :class:`InputError` in every entry point.
+* ``attribution_patch`` and ``edge_attribution_patch`` split the prompts over the processes
+  (``mesh="auto"``): equal to one process to 1e-5 of the largest value (a prompt's estimate in a
+  smaller batch may round differently); with ``mesh=None``, and for ``exact_edge_patch`` (never
+  split), each process computes the whole call: bitwise equal to one process. Under
+  ``"process0"`` the others get ``None``;
+* a bad ``gather`` (every entry point) or ``mesh`` (attribution, EAP) is an :class:`InputError`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 import pytest
 
 import jaxpatch
-from tests.helpers import CHILD_SWEEP_SETUP
+from tests.helpers import CHILD_SWEEP_SETUP, rel_err
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,6 +57,19 @@ def spy(name, f):
 
 
 multihost_utils.process_allgather = spy("allgather", multihost_utils.process_allgather)
+from jaxpatch import attribution, edges as edges_mod
+batches = []  # prompts per attribution / EAP program call on this process
+
+
+def count_prompts(f):
+    def wrapped(config, params, run_tokens, *a, **k):
+        batches.append(int(run_tokens.shape[0]))
+        return f(config, params, run_tokens, *a, **k)
+    return wrapped
+
+
+attribution._atp_core = count_prompts(attribution._atp_core)
+edges_mod._eap_core = count_prompts(edges_mod._eap_core)
 multihost_utils.broadcast_one_to_all = spy("broadcast", multihost_utils.broadcast_one_to_all)
 res, comm = {}, {}
 
@@ -79,9 +95,20 @@ ans = dict(answer=KW["answer"], wrong=KW["wrong"])
 call("atp", lambda **kw: jaxpatch.attribution_patch(model, clean, corrupt, site="z", method="atp*", **ans, **kw))
 call("atp_first", lambda **kw: jaxpatch.attribution_patch(model, clean, corrupt, site="z", method="atp*", **ans, **kw),
      gather="process0")
+call("atp_local", lambda **kw: jaxpatch.attribution_patch(model, clean, corrupt, site="z", method="atp*", **ans, **kw),
+     mesh=None)
 call("eap", lambda **kw: jaxpatch.edges.edge_attribution_patch(model, clean, corrupt, ig_steps=3, **ans, **kw))
 call("eap_first", lambda **kw: jaxpatch.edges.edge_attribution_patch(model, clean, corrupt, ig_steps=3, **ans, **kw),
      gather="process0")
+call("eap_local", lambda **kw: jaxpatch.edges.edge_attribution_patch(model, clean, corrupt, ig_steps=3, **ans, **kw),
+     mesh=None)
+other = corrupt.copy()
+other[0, 0] = (other[0, 0] + pid) % 50  # process 1 is given different prompts
+try:
+    jaxpatch.attribution_patch(model, clean, other, **ans)
+    refused = ""
+except jaxpatch.InputError as e:
+    refused = str(e)
 edges = """ + repr(EDGES) + """
 call("exact", lambda **kw: jaxpatch.edges.exact_edge_patch(model, clean, corrupt, edges, **ans, **kw))
 call("exact_first", lambda **kw: jaxpatch.edges.exact_edge_patch(model, clean, corrupt, edges, **ans, **kw), gather="process0")
@@ -93,7 +120,7 @@ v[5, 1] = np.nan
 f = np.ones(8, bool)
 f[2] = False
 hv, hf = multihost.fetch_to_process0(put(v, True), put(f, True))
-np.savez(os.path.join(out, f"p{pid}.npz"), runs=np.asarray(runs), hv=hv, hf=hf, **res,
+np.savez(os.path.join(out, f"p{pid}.npz"), runs=np.asarray(runs), hv=hv, hf=hf, batches=np.asarray(batches), refused=np.asarray(refused), **res,
          **{"comm_" + k: np.asarray(v) for k, v in comm.items()})
 print("CHILD DONE", flush=True)
 """
@@ -158,15 +185,25 @@ def test_gather_to_process0_and_everywhere_across_two_processes(tmp_path, ns):
            "eap": jaxpatch.edges.edge_attribution_patch(model, clean, corrupt, ig_steps=3, **ans).per_prompt,
            "exact": jaxpatch.edges.exact_edge_patch(model, clean, corrupt, EDGES, **ans)}
     z = [np.load(tmp_path / f"p{i}.npz") for i in range(2)]
-    for i in range(2):  # gather="all": every process holds the whole result, bitwise
-        for key, want in (("all", "sweep"), ("atp", "atp"), ("eap", "eap"), ("exact", "exact")):
-            assert z[i][key].tobytes() == ref[want].tobytes(), (i, key)
-    # gather="process0": process 0 holds the result, bitwise; process 1 got None
+    for i in range(2):  # gather="all": every process holds the whole result
+        for key, want in (("all", "sweep"), ("atp_local", "atp"), ("eap_local", "eap"), ("exact", "exact")):
+            assert z[i][key].tobytes() == ref[want].tobytes(), (i, key)  # one program on the same inputs: bitwise
+        for key in ("atp", "eap"):  # prompts split over the processes: to float rounding
+            assert z[i][key].shape == ref[key].shape and rel_err(z[i][key], ref[key]) <= 1e-5, (i, key)
+    # gather="process0": process 0 holds the result; process 1 got None
     for key, want in (("first", "sweep"), ("ckpt_first", "sweep"), ("ckpt_again", "sweep"), ("atp_first", "atp"),
                       ("eap_first", "eap"), ("exact_first", "exact")):
-        assert z[0][key].tobytes() == ref[want].tobytes(), key
+        if key in ("atp_first", "eap_first"):
+            assert z[0][key].tobytes() == z[0][key[:3]].tobytes(), key  # the same split, gathered to process 0
+        else:
+            assert z[0][key].tobytes() == ref[want].tobytes(), key
         assert str(z[1][key]) == "None", key
-    assert z[0]["runs"].tolist() == z[1]["runs"].tolist() == [4, 0, 0, 4]  # 4 groups computed, then all 4 loaded
+    assert z[0]["runs"].tolist() == z[1]["runs"].tolist() == [4, 0, 0, 4]
+    # 3 prompts split over 2 processes: 2 each (process 1's second is a repeat); mesh=None: all 3.
+    # Calls: atp, atp_first, atp_local, eap, eap_first, eap_local.
+    assert z[0]["batches"].tolist() == z[1]["batches"].tolist() == [2, 2, 3, 2, 2, 3]
+    for i in range(2):  # a split call given different prompts on process 1 is refused on both
+        assert "different inputs" in str(z[i]["refused"]) and "process(es) [1]" in str(z[i]["refused"])  # 4 groups computed, then all 4 loaded
     # Nothing floating-point moved between processes under "process0" (values go by ppermute to
     # process 0's devices only): only input digests (u), finiteness flags (b) and done-groups (b).
     for i in range(2):
@@ -205,3 +242,20 @@ def test_a_bad_gather_is_refused_by_every_entry_point(ns, bad):
     for f in calls:
         with pytest.raises(jaxpatch.InputError, match=r"gather must be 'all' .* or 'process0'"):
             f()
+
+
+@pytest.mark.parametrize("bad", ["all", "sweep", 0])
+def test_a_bad_mesh_is_refused_by_the_attribution_calls(ns, bad):
+    model, clean, corrupt, KW = ns["model"], ns["clean"], ns["corrupt"], ns["KW"]
+    ans = {"answer": KW["answer"], "wrong": KW["wrong"]}
+    for f in (jaxpatch.attribution_patch, jaxpatch.edges.edge_attribution_patch):
+        with pytest.raises(jaxpatch.InputError, match=r"mesh must be 'auto' .* or None"):
+            f(model, clean, corrupt, mesh=bad, **ans)
+
+
+def test_attribution_mesh_auto_in_one_process_is_the_whole_call(ns):
+    model, clean, corrupt, KW = ns["model"], ns["clean"], ns["corrupt"], ns["KW"]
+    ans = {"answer": KW["answer"], "wrong": KW["wrong"]}
+    a = jaxpatch.attribution_patch(model, clean, corrupt, **ans)
+    b = jaxpatch.attribution_patch(model, clean, corrupt, mesh=None, gather="process0", **ans)
+    assert a.per_prompt.tobytes() == b.per_prompt.tobytes()
