@@ -27,7 +27,8 @@ tests/test_report_lessons.py asserts them.
   2160 templates; one template in five and one name pair in five held out). optax AdamW
   (warm-up + cosine decay to a tenth, peak lr 3e-3, weight decay 0.01), minibatches of 128
   prompts drawn from the training split by NumPy from ``--seed``, cross-entropy at the last
-  position, ``--ioi-steps`` (1000) steps: about 30 s on a 2-core CPU; 120 KB.
+  position, ``--ioi-steps`` (1000) steps: 38-56 s wall (31 s of CPU time) on a busy 2-core CPU;
+  120 KB.
   ``examples/paper_ioi.py`` patches it; tests/test_report_ioi.py asserts what it shows and that
   retraining from the seed gives the shipped weights.
 
