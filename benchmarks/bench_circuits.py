@@ -165,7 +165,7 @@ def _export_for_autocircuit(d, model, clean, corrupt, ans, wrong, masks, want):
                                              "n_graph_edges": int(g.valid.sum())}))
 
 
-def _autocircuit(python, model, clean, corrupt, ans, wrong, masks, want, runs):
+def _autocircuit(python, model, clean, corrupt, ans, wrong, masks, want, runs, timeout):
     """auto-circuit's result dict, or ``(None, why)``."""
     if not python:
         return None, "not run: no auto-circuit interpreter (--autocircuit-python / $AUTO_CIRCUIT_PYTHON)"
@@ -173,8 +173,12 @@ def _autocircuit(python, model, clean, corrupt, ans, wrong, masks, want, runs):
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         _export_for_autocircuit(d, model, clean, corrupt, ans, wrong, masks, want)
-        proc = subprocess.run([python, str(script), "--inputs", str(d), "--runs", str(runs), "--out", str(d / "out.json")],
-                              check=False, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        try:
+            proc = subprocess.run([python, str(script), "--inputs", str(d), "--runs", str(runs), "--out", str(d / "out.json")],
+                                  check=False, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"},
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None, f"did not finish within {timeout:.0f} s (first + {runs} timed runs of every circuit)"
         if proc.returncode != 0 or not (d / "out.json").exists():
             tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
             return None, f"failed (rc {proc.returncode}): " + " | ".join(tail)
@@ -182,7 +186,8 @@ def _autocircuit(python, model, clean, corrupt, ans, wrong, masks, want, runs):
     return out, None
 
 
-def bench_pareto(name, model, clean, corrupt, ans, wrong, runs, n_points, loop_sample, chunk, ac_python, rows):
+def bench_pareto(name, model, clean, corrupt, ans, wrong, runs, n_points, loop_sample, chunk, ac_python, ac_timeout,
+                 rows):
     cfg = model.config
     eap = edges.edge_attribution_patch(model, clean, corrupt, direction="noise", answer=ans, wrong=wrong)
     masks, _ = circuits.nested_circuits(cfg, eap, n_points=n_points)
@@ -223,7 +228,7 @@ def bench_pareto(name, model, clean, corrupt, ans, wrong, runs, n_points, loop_s
                  "part s (measured)": f"{warm['median']:.2f} [{warm['p10']:.2f}-{warm['p90']:.2f}]",
                  "items/s": f"{C / warm['median']:.1f}", "speedup": f"{per * C / warm['median']:.1f}x",
                  "chunk": str(res.info["chunk_size"])})
-    ac, why = _autocircuit(ac_python, model, clean, corrupt, ans, wrong, masks, res.per_prompt[:, 0], runs)
+    ac, why = _autocircuit(ac_python, model, clean, corrupt, ans, wrong, masks, res.per_prompt[:, 0], runs, ac_timeout)
     rec = {"task": "pareto", "model": name, "circuits": C, "jaxpatch_s": warm["median"], "jaxpatch_all_s": warm["all"],
            "jaxpatch_first_s": first_s, "loop_compile_s": loop_compile, "loop_per_item_s": per, "loop_sample": len(ws),
            "max_abs_diff": err, "auto_circuit": ac if ac is not None else why}
@@ -253,6 +258,7 @@ def main():
     ap.add_argument("--chunk", type=int, default=None, help="circuits per vectorised chunk (default: by memory)")
     ap.add_argument("--autocircuit-python", default=os.environ.get("AUTO_CIRCUIT_PYTHON"),
                     help="a Python with auto-circuit installed (its own virtualenv)")
+    ap.add_argument("--autocircuit-timeout", type=float, default=600, help="seconds the auto-circuit run may take")
     args = ap.parse_args()
     if args.smoke:
         name, cfg, args.batch, args.pos, args.runs, args.points, args.loop_sample = "tiny", TINY, 2, 8, 1, 10, 8
@@ -269,7 +275,7 @@ def main():
     records.append(bench_paths(name, model, clean, corrupt, ans, wrong, args.runs, args.loop_sample,
                                args.receivers_per_layer, rows))
     records.append(bench_pareto(name, model, clean, corrupt, ans, wrong, args.runs, args.points, args.loop_sample,
-                                args.chunk, args.autocircuit_python, rows))
+                                args.chunk, args.autocircuit_python, args.autocircuit_timeout, rows))
     H.print_table(rows, ["model", "task", "impl", "measured on", "compile s", "run s", "part s (measured)", "items/s",
                          "speedup", "max |Δ|", "chunk"])
     print("run s: the whole task's time (measured, or '(extrap.)': per-item time of the part measured x items); "
