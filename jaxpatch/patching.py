@@ -168,6 +168,7 @@ def activation_patch(
     checkpoint_dir=None,
     memory_budget: int | str | None = None,
     gather: str = "all",
+    skip: bool = True,
 ) -> PatchResult | None:
     """Patch every component of a sweep and measure several metrics, in one compiled program.
 
@@ -224,6 +225,12 @@ def activation_patch(
             see :mod:`jaxpatch.multihost`): ``"all"`` (default) returns it on every process;
             ``"process0"`` on process 0 only, every other process returning ``None`` (their values
             are sent to process 0 alone, never gathered to them). In one process both are the same.
+        skip: run only the patches that can change the metric: patches at positions before the
+            first position where the clean and corrupted (or noised) prompts differ (no-ops:
+            identical activations there), after the last answer position, or at positions the
+            metric does not read in the last layer after its key/value read (dead) get the
+            unpatched run's metric without a forward (exact; ``info["skipped_noop"]``,
+            ``info["skipped_dead"]``). ``False`` runs every patch.
 
     Returns:
         a :class:`PatchResult` (``None`` on processes other than 0 under ``gather="process0"``).
@@ -236,7 +243,7 @@ def activation_patch(
     gather = _multihost.check_gather(gather)
     if not isinstance(model, HookedModel):  # a Flax / Equinox / plain-JAX model: jaxpatch.byo's engine
         kw = dict(locals())
-        del kw["gather"]
+        del kw["gather"], kw["skip"]  # byo sweeps run every patch (skipping is an exact shortcut only)
         res = _byo.activation_patch(**kw)
         return res if _multihost.keeps_result(gather) else None
     if direction not in DIRECTIONS:
@@ -245,6 +252,8 @@ def activation_patch(
         raise InputError(f"baseline must be one of {BASELINES}, got {baseline!r}.")
     if baseline in ("mean", "zero") and direction == "denoise":
         raise InputError(f"The {baseline!r} baseline is an ablation: use direction='noise' (patch it into the clean run).")
+    if not isinstance(skip, bool):
+        raise InputError(f"skip must be True or False; got {skip!r}.")
     names = _metrics.check_names(metrics)
     cfg = model.config
     clean = check_tokens(cfg, clean_tokens)
@@ -338,6 +347,13 @@ def activation_patch(
             source, src_stacked = jnp.zeros((), model.dtype), False
     run_tokens = corrupt if direction == "denoise" else jnp.tile(clean, (rep, 1))
     run_cache = _sweep.run_cache(cfg, run_caps, run_tokens, rep_mask)
+    # Positions before the first at which the two runs' inputs to block 0 differ (tokens, noise)
+    # hold identical activations at every layer (causal attention, same padding): patches there
+    # are no-ops and are not run. Only the resample and noise sources are runs of the model.
+    same_before = 0
+    if skip and baseline in ("resample", "noise"):
+        r0 = lambda caps: caps["blocks.hook_resid_pre"][0]  # noqa: E731
+        same_before = _sweep.first_difference(jnp.tile(r0(clean_caps), (rep, 1, 1)), r0(corrupt_caps))
     setup_s = time.perf_counter() - t0
 
     checkpoint = None
@@ -352,7 +368,8 @@ def activation_patch(
     with _multihost.gathering(gather):  # read by multihost.fetch / resume.run_groups in a multi-process sweep
         out, pl = _sweep.run(cfg, model.params, spec, run_cache, source, src_stacked, static_names, ctx, T,
                              run_ivs=run_ivs, chunk_size=chunk_size, mesh=mesh, position_buckets=position_buckets,
-                             progress=progress, checkpoint=checkpoint, memory_budget=memory_budget)
+                             progress=progress, checkpoint=checkpoint, memory_budget=memory_budget,
+                             same_before=same_before, skip=skip)
     if not _multihost.keeps_result(gather):  # gather="process0" on another process: it holds zeros, not the result
         return None
     out = np.asarray(out)  # [P, M, rep*B]: the one host transfer
@@ -375,7 +392,8 @@ def activation_patch(
     info = {"setup_s": setup_s, "sweep_s": sweep_s, "n_patches": spec.size, "batch": B, "chunk_size": pl.chunk,
             "gap_floor": _metrics.gap_floor([clean_rows, None if corrupt_logits is None else rows(corrupt_logits)],
                                             clean_rows.dtype),
-            "executed_rows": _sweep.executed_rows(pl, cfg.n_layers, T), "minimal_rows": _sweep.minimal_rows(spec, cfg.n_layers, T)}
+            "executed_rows": _sweep.executed_rows(pl, cfg.n_layers, T), "minimal_rows": _sweep.minimal_rows(spec, cfg.n_layers, T, pl.same_before, pl.live),
+            "skipped_noop": pl.n_noop, "skipped_dead": pl.n_dead, "same_before": pl.same_before}
     return PatchResult(c, direction, baseline, tuple(_metrics.name_of(n) for n in names), axes, labels, per, mc, mk, info)
 
 

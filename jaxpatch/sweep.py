@@ -182,7 +182,12 @@ class Plan:
     chunk_bucket: np.ndarray  # [n_chunks] index into offsets
     offsets: tuple[int, ...]  # static position offsets of the buckets
     chunk: int
-    n_patches: int
+    n_patches: int  # patches the plan runs (the live ones: see :func:`skippable`)
+    n_noop: int = 0  # patches skipped as no-ops (see :func:`skippable`)
+    n_dead: int = 0  # patches skipped as dead
+    same_before: int = 0  # positions < this are identical in the run and the source
+    live: np.ndarray | None = None  # the patches run (ids into the whole sweep); None: all of them
+    unit: int = 1  # chunks come in multiples of this (devices x unembedding group)
 
 
 def _pos_key(sweep: Sweep) -> np.ndarray:
@@ -195,21 +200,51 @@ def _pos_key(sweep: Sweep) -> np.ndarray:
     return np.zeros(sweep.size, np.int32)
 
 
-def plan(sweep: Sweep, n_layers: int, n_pos: int, max_offset: int, chunk: int, n_dev: int = 1, n_buckets: int = 4) -> Plan:
+def _first_pos(sweep: Sweep, same_before: int = 0) -> np.ndarray:
+    """First position each patch can change: its own first position, and never before
+    ``same_before`` (positions where the run and the source are identical: patching them is a
+    no-op, see :func:`skippable`)."""
+    return np.maximum(_pos_key(sweep), same_before)
+
+
+def _round_chunks(n: int) -> int:
+    """``n`` rounded up to 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (at most 1.5x): sweeps whose skipped
+    patches leave slightly different numbers live share one compiled program; the padding
+    chunks run no layer and no unembedding."""
+    k = 1
+    while k < n:
+        if k * 3 // 2 >= n and k >= 2:
+            return k * 3 // 2
+        k *= 2
+    return k
+
+
+def plan(sweep: Sweep, n_layers: int, n_pos: int, max_offset: int, chunk: int, n_dev: int = 1, n_buckets: int = 4,
+         same_before: int = 0, full_last: bool = False) -> Plan:
     """Order and chunk the patches (see module docstring). ``max_offset``: the earliest position
-    the metric reads (no bucket may skip it)."""
+    the metric reads (no bucket may skip it); ``same_before``: see :func:`skippable`.
+
+    ``chunk_bucket`` also says whether a chunk runs its last layer whole: ``+ len(offsets)`` when
+    one of its patches edits the last layer (or ``full_last``: the run's own interventions do);
+    otherwise the last layer computes only what the metric reads (every row's keys and values,
+    the read rows' queries, attention and MLP)."""
     n = sweep.size
     layer = np.asarray(sweep.index["layer"])
+    top = layer.max(axis=1) if layer.ndim == 2 else layer
     layer = layer.min(axis=1) if layer.ndim == 2 else layer
-    pos = _pos_key(sweep)
+    pos = _first_pos(sweep, same_before)
     order = np.lexsort((pos, layer)).astype(np.int32)
     chunk = max(1, min(chunk, n))
-    n_chunks = math.ceil(n / chunk)
+    n_chunks = _round_chunks(math.ceil(n / chunk))
     n_chunks = math.ceil(n_chunks / n_dev) * n_dev
     padded = np.concatenate([order, np.full(n_chunks * chunk - n, order[-1], np.int32)])
     real = np.arange(n_chunks * chunk) < n
-    offsets = sorted({0} | {(n_pos * j) // n_buckets for j in range(1, n_buckets)} if n_buckets > 1 else {0})
-    offsets = tuple(o for o in offsets if o <= max_offset)
+    # Bucket offsets: a fixed lattice (which patches a sweep holds never changes the compiled
+    # program), plus the first position where the run and the source differ (the prompts'
+    # property: no patch starts before it); never past the earliest position the metric reads.
+    lattice = {(n_pos * j) // n_buckets for j in range(n_buckets)} if n_buckets > 1 else {0}
+    lo = min(same_before, max_offset)
+    offsets = tuple(sorted({lo} | {o for o in lattice if lo <= o <= max_offset}))
     chunk_start = np.empty(n_chunks, np.int32)
     chunk_bucket = np.zeros(n_chunks, np.int32)
     for c in range(n_chunks):
@@ -220,7 +255,9 @@ def plan(sweep: Sweep, n_layers: int, n_pos: int, max_offset: int, chunk: int, n
         chunk_start[c] = layer[ids].min()
         lo = pos[ids].min()
         chunk_bucket[c] = max(i for i, o in enumerate(offsets) if o <= lo)
-    return Plan(padded, chunk_start, chunk_bucket, offsets, chunk, n)
+        if full_last or top[ids].max() == n_layers - 1:
+            chunk_bucket[c] += len(offsets)
+    return Plan(padded, chunk_start, chunk_bucket, offsets, chunk, n, same_before=same_before)
 
 
 #: Rough costs used by :func:`auto_buckets`: seconds to compile one more bucket branch, and a
@@ -229,10 +266,10 @@ BUCKET_COMPILE_S = 0.6
 ASSUMED_FLOPS = 1.5e11
 
 
-def auto_buckets(config: ModelConfig, sweep: Sweep, batch: int, n_pos: int, max_offset: int) -> int:
+def auto_buckets(config: ModelConfig, sweep: Sweep, batch: int, n_pos: int, max_offset: int, same_before: int = 0) -> int:
     """Pick 1, 2 or 4 position buckets: minimise (compile time of the branches + estimated run
     time). Sweeps without a position index always get 1."""
-    if max_offset == 0 or len(np.unique(_pos_key(sweep))) <= 1:
+    if max_offset == 0 or len(np.unique(np.minimum(_first_pos(sweep, same_before), max_offset))) <= 1:
         return 1
     layer = np.asarray(sweep.index["layer"])
     layer = layer.min(axis=1) if layer.ndim == 2 else layer
@@ -243,7 +280,8 @@ def auto_buckets(config: ModelConfig, sweep: Sweep, batch: int, n_pos: int, max_
     return min(cost, key=cost.get)
 
 
-def default_chunk_size(sweep: Sweep, batch: int, n_pos: int, position_buckets: int, target_rows: int = 2048) -> int:
+def default_chunk_size(sweep: Sweep, batch: int, n_pos: int, position_buckets: int, target_rows: int = 2048,
+                       same_before: int = 0) -> int:
     """Patches per chunk: about ``target_rows`` token rows per matmul (where this CPU's matmuls are
     most efficient), never mixing layers when a layer has enough patches, and small enough that
     position buckets can skip prefixes when the sweep indexes positions."""
@@ -251,23 +289,96 @@ def default_chunk_size(sweep: Sweep, batch: int, n_pos: int, position_buckets: i
     layer = layer.min(axis=1) if layer.ndim == 2 else layer
     per_layer = int(np.bincount(layer).max())
     c = min(max(1, target_rows // max(1, batch * n_pos)), per_layer)
-    if position_buckets > 1 and len(np.unique(_pos_key(sweep))) > 1:
+    if position_buckets > 1 and len(np.unique(_first_pos(sweep, same_before))) > 1:
         c = min(c, max(1, math.ceil(per_layer / position_buckets)))
     return c
 
 
 def executed_rows(p: Plan, n_layers: int, n_pos: int) -> int:
     """Block-row evaluations the plan executes: patches x layers run x positions recomputed."""
-    offs = np.asarray(p.offsets)[p.chunk_bucket]
+    offs = np.asarray(p.offsets)[p.chunk_bucket % len(p.offsets)]
     return int(np.sum(p.chunk * np.maximum(n_layers - p.chunk_start, 0) * (n_pos - offs)))
 
 
-def minimal_rows(sweep: Sweep, n_layers: int, n_pos: int) -> int:
+def minimal_rows(sweep: Sweep, n_layers: int, n_pos: int, same_before: int = 0, live=None) -> int:
     """Block-row evaluations strictly needed: each patch recomputes layers >= its layer at
-    positions >= its position."""
+    positions >= its first position (and >= ``same_before``); with ``live`` (ids of the patches
+    that can change the answer, :attr:`Plan.live`; see :func:`skippable`) only those count: the
+    *live minimum*."""
     layer = np.asarray(sweep.index["layer"])
     layer = layer.min(axis=1) if layer.ndim == 2 else layer
-    return int(np.sum((n_layers - layer) * (n_pos - _pos_key(sweep))))
+    rows = (n_layers - layer) * (n_pos - _first_pos(sweep, same_before))
+    return int(np.sum(rows if live is None else rows[np.asarray(live, np.int64)]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Skipping patches that cannot change the answer (host side, exact).
+
+#: Per-layer sites whose activation at position p feeds only position p of the layer's output:
+#: everything after the layer reads keys and values (and the queries, which only their own
+#: position reads). In the last layer a patch of these at a position the metric does not read
+#: changes nothing the metric sees.
+_LOCAL_SITES = frozenset({
+    "blocks.hook_q_input", "blocks.attn.hook_q", "blocks.attn.hook_rot_q", "blocks.attn.hook_attn_scores",
+    "blocks.attn.hook_pattern", "blocks.attn.hook_z", "blocks.attn.hook_result", "blocks.ln1_post.hook_scale",
+    "blocks.ln1_post.hook_normalized", "blocks.hook_attn_out", "blocks.hook_resid_mid", "blocks.hook_mlp_in",
+    "blocks.ln2.hook_scale", "blocks.ln2.hook_normalized", "blocks.mlp.hook_pre_linear", "blocks.mlp.hook_pre",
+    "blocks.mlp.hook_post", "blocks.ln2_post.hook_scale", "blocks.ln2_post.hook_normalized", "blocks.hook_mlp_out",
+    "blocks.hook_resid_post",
+})
+
+
+def first_difference(a, b) -> int:
+    """First position (axis 1) at which ``a`` and ``b`` (``[B, T, ...]``) differ in any prompt,
+    bit for bit; ``T`` if they are identical. One host transfer per sweep, never per patch."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        return 0
+    diff = np.any((a != b).reshape(a.shape[0], a.shape[1], -1), axis=(0, 2))
+    return int(np.argmax(diff)) if diff.any() else int(a.shape[1])
+
+
+def _component_positions(sweep: Sweep, n_pos: int):
+    """``(first, last)`` ``[P, K]``: the first and last position (query position for attention
+    patterns) each component of each patch writes; a whole axis covers ``0..n_pos-1``."""
+    K = 1 if not sweep.joint else int(np.asarray(sweep.index["layer"]).shape[1])
+    P = sweep.size
+    for axis in ("pos", "q_pos"):
+        if axis in sweep.index:
+            idx = np.asarray(sweep.index[axis]).reshape(P, K)
+            whole = idx == ALL
+            return np.where(whole, 0, idx), np.where(whole, n_pos - 1, idx)
+    return np.zeros((P, K), np.int64), np.full((P, K), n_pos - 1, np.int64)
+
+
+def skippable(sweep: Sweep, n_layers: int, n_pos: int, read_positions, same_before: int = 0):
+    """Which patches cannot change what the metric reads: ``(noop, dead)``, ``[P]`` bool each.
+
+    Exact under causal attention, for patches that *replace* activations:
+
+    * **no-op**: every component writes only positions ``< same_before``, where the caller
+      guarantees the run and the source are identical at every layer (their inputs agree there:
+      resample and noise baselines; never mean/zero). The patched value equals the run's own.
+    * **dead**: every component either writes only positions after the last position the metric
+      reads, or sits in the last layer at a site after its key/value read (:data:`_LOCAL_SITES`)
+      and writes no position the metric reads.
+
+    A skipped patch's result is the unpatched run's metric. ``read_positions``: the positions the
+    metric reads (any prompt).
+    """
+    read = np.zeros(n_pos, bool)
+    read[np.asarray(read_positions, np.int64)] = True
+    last_read = int(np.flatnonzero(read).max())
+    first, last = _component_positions(sweep, n_pos)
+    layer = np.asarray(sweep.index["layer"]).reshape(first.shape)
+    noop_c = last < same_before
+    dead_c = first > last_read
+    if sweep.site in _LOCAL_SITES:
+        single = first == last  # a component at one position (a whole axis reads every position)
+        dead_c |= (layer == n_layers - 1) & single & ~read[np.clip(first, 0, n_pos - 1)]
+    skip = np.all(noop_c | dead_c, axis=1)
+    noop = skip & np.all(noop_c, axis=1)
+    return noop, skip & ~noop
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,41 +397,90 @@ class CustomMetric:
     first_pos: int
 
 
+def _metric_of(config, params, x, s: int, metric, ctx, n_pos: int):
+    """The metric of a run's final residual stream ``x`` ``[B, T - s, D]`` (positions ``s..``):
+    ``(values [M, B] (or [1, 1] for a custom metric), all logits finite)``."""
+    if isinstance(metric, CustomMetric):
+        read = models.logits_at(config, params, x[:, metric.first_pos - s:])  # positions first_pos..
+        full = read
+        if metric.first_pos:  # earlier positions provably unread: zeros, never computed
+            full = jnp.zeros(read.shape[:1] + (n_pos,) + read.shape[2:], read.dtype)
+            full = jax.lax.dynamic_update_slice_in_dim(full, read, metric.first_pos, axis=1)
+        val = jnp.asarray(metric.fn(ctx["metric_consts"], full))
+        val = jnp.reshape(val, (1, 1)).astype(jnp.promote_types(val.dtype, jnp.float32))
+        return val, jnp.all(jnp.isfinite(read))
+    rows = jnp.take_along_axis(x, (ctx["answer_pos"] - s)[:, None, None], axis=1)  # [B, 1, D]
+    logits = models.logits_at(config, params, rows)[:, 0]
+    return _metrics.compute_ctx(metric, logits, ctx), jnp.all(jnp.isfinite(logits))
+
+
+@partial(jax.jit, static_argnames=("config", "metric", "n_pos"))
+def _unpatched(config, params, run_ivs, cache, ctx, *, metric, n_pos):
+    """The unpatched run's metric (what every skipped patch returns): its last block rerun from
+    the cached residual stream, as a patched chunk would run it."""
+    last = config.n_layers - 1
+    x = models.run_blocks_from(config, params["blocks"], cache["resid"][last], last, cache["ctx"], run_ivs)
+    return _metric_of(config, params, x, 0, metric, ctx, n_pos)
+
+
+#: Residual rows unembedded per batched matmul: chunks are grouped until their read rows reach
+#: about this many (one unembedding per group instead of one per chunk; see :func:`_core`).
+UNEMBED_ROWS = 1024
+
+
+def _columns_only(metric) -> bool:
+    """Metrics that read only the answer and wrong tokens' logits (no softmax over the vocabulary):
+    unembed those two columns instead of the whole vocabulary."""
+    return not isinstance(metric, CustomMetric) and tuple(metric) == ("logit_diff",)
+
+
+def _finish(config, params, rows, metric, ctx, n_pos: int):
+    """Metric values of many patched runs at once from their read rows ``[G, B, ...]`` (see
+    :func:`_read_rows`): ``(values [G, M, B] (custom: [G, 1, 1]), all logits finite [G])``, with
+    one unembedding matmul for all ``G x B`` rows."""
+    if _columns_only(metric):
+        cols = jnp.stack([ctx["answer"], ctx["wrong"]], axis=-1)  # [B, 2]
+        lg = models.logits_columns(config, params, rows, cols)  # [G, B, 2]
+        lg = lg.astype(jnp.promote_types(lg.dtype, jnp.float32))
+        return (lg[..., 0] - lg[..., 1])[:, None], jnp.all(jnp.isfinite(lg), axis=(1, 2))
+    if isinstance(metric, CustomMetric):
+        return jax.vmap(lambda x: _metric_of(config, params, x, metric.first_pos, metric, ctx, n_pos))(rows)
+    logits = models.logits_at(config, params, rows)  # [G, B, V]: the rows as a [G, B] grid of positions
+    vals = jax.vmap(lambda lg: _metrics.compute_ctx(metric, lg, ctx))(logits)
+    return vals, jnp.all(jnp.isfinite(logits), axis=(1, 2))
+
+
 def _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_stacked, offsets, metric, n_pos):
     blocks = params["blocks"]
 
     def make_branch(s):
-        def one(ix, start):
+        def one(ix, start, full):
             layers = ix["layer"]
             edit = Edit(layers=layers, index={a: v for a, v in ix.items() if a != "layer"},
                         value=source, stacked=source_stacked, paired=paired)
             ivs = run_ivs + Interventions({site: (edit,)})
             x0 = jax.lax.dynamic_index_in_dim(cache["resid"], jnp.minimum(start, config.n_layers - 1), 0, keepdims=False)
             x0 = x0[:, s:]
-            x = models.run_blocks_from(config, blocks, x0, start, cache["ctx"], ivs, pos_offset=s,
-                                       prefix_kv=(cache["k"], cache["v"]) if s else None)
+            B = x0.shape[0]
             if isinstance(metric, CustomMetric):
-                read = models.logits_at(config, params, x[:, metric.first_pos - s:])  # positions first_pos..
-                full = read
-                if metric.first_pos:  # earlier positions provably unread: zeros, never computed
-                    full = jnp.zeros(read.shape[:1] + (n_pos,) + read.shape[2:], read.dtype)
-                    full = jax.lax.dynamic_update_slice_in_dim(full, read, metric.first_pos, axis=1)
-                val = jnp.asarray(metric.fn(ctx["metric_consts"], full))
-                val = jnp.reshape(val, (1, 1)).astype(jnp.promote_types(val.dtype, jnp.float32))
-                return val, jnp.all(jnp.isfinite(read))
-            rows = jnp.take_along_axis(x, (ctx["answer_pos"] - s)[:, None, None], axis=1)  # [B, 1, D]
-            logits = models.logits_at(config, params, rows)[:, 0]
-            return _metrics.compute_ctx(metric, logits, ctx), jnp.all(jnp.isfinite(logits))
+                read = jnp.broadcast_to(jnp.arange(metric.first_pos - s, n_pos - s, dtype=jnp.int32), (B, n_pos - metric.first_pos))
+            else:
+                read = (ctx["answer_pos"] - s)[:, None].astype(jnp.int32)
+            rows = models.run_blocks_from(config, blocks, x0, start, cache["ctx"], ivs, pos_offset=s,
+                                          prefix_kv=(cache["k"], cache["v"]) if s else None, read=read, full_last=full)
+            return rows if isinstance(metric, CustomMetric) else rows[:, 0]
 
-        return lambda idx, start: jax.vmap(one, in_axes=(0, None))(idx, start)
+        return lambda idx, start, full: jax.vmap(one, in_axes=(0, None, None))(idx, start, full)
 
     branches = [make_branch(s) for s in offsets]
 
     def chunk_fn(args):
+        # bucket = position bucket + len(offsets) x (an edit applies in the last layer: run it whole)
         idx, start, bucket = args
+        full = bucket >= len(branches)
         if len(branches) == 1:
-            return branches[0](idx, start)
-        return jax.lax.switch(bucket, branches, idx, start)
+            return branches[0](idx, start, full)
+        return jax.lax.switch(bucket % len(branches), branches, idx, start, full)
 
     return chunk_fn
 
@@ -330,6 +490,8 @@ MAX_PROGRESS_GROUPS = 8
 #: ``{"total": chunks, "done": chunks finished, "updates": times the bar moved}`` of the last
 #: sweep that showed a bar.
 last_progress: dict[str, int] = {}
+#: The :class:`Plan` of the last sweep :func:`run` ran (benchmarks count its FLOPs from it).
+last_plan: Plan | None = None
 
 
 def _progress_groups(n_chunks: int, n_dev: int, max_groups: int = MAX_PROGRESS_GROUPS) -> tuple[int, int]:
@@ -395,16 +557,40 @@ def _run_with_bar(core, idx, chunk_start, chunk_bucket, n_layers: int, n_dev: in
     return jax.tree.map(lambda *xs: jnp.concatenate(xs)[:n_chunks], *outs)
 
 
-@partial(jax.jit, static_argnames=("config", "site", "paired", "source_stacked", "offsets", "metric", "n_pos", "mesh"))
+@partial(jax.jit, static_argnames=("config", "site", "paired", "source_stacked", "offsets", "metric", "n_pos", "mesh",
+                                   "group"))
 def _core(config, params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_bucket, *, site, paired,
-          source_stacked, offsets, metric, n_pos, mesh):
+          source_stacked, offsets, metric, n_pos, mesh, group=1):
     """``idx``: site-axis -> ``[n_chunks, chunk(, K)]``. Returns the metric values
     ``[n_chunks, chunk, M, B]`` and whether each patched run's logits were all finite
     ``[n_chunks, chunk]``."""
 
     def run_chunks(params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_bucket):
+        # Groups of g chunks: each chunk's patched runs yield the residual rows the metric reads;
+        # a group's rows are unembedded together (one large matmul, not g small ones).
         fn = _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_stacked, offsets, metric, n_pos)
-        return jax.lax.map(fn, (idx, chunk_start, chunk_bucket))
+        n_chunks, chunk = chunk_start.shape[0], jax.tree.leaves(idx)[0].shape[1]
+        g = group  # the plan makes every dispatch a multiple of g chunks, so groups never depend on it
+        pad = -n_chunks % g  # (else) padding chunks start at n_layers: they run no layer, their values are dropped
+        ext = lambda a, fill=None: jnp.concatenate(  # noqa: E731
+            [a, jnp.repeat(a[-1:], pad, 0) if fill is None else jnp.full((pad,) + a.shape[1:], fill, a.dtype)]) if pad else a
+        grouped = lambda a: a.reshape((-1, g) + a.shape[1:])  # noqa: E731
+        args = (jax.tree.map(lambda a: grouped(ext(a)), idx), grouped(ext(chunk_start, config.n_layers)),
+                grouped(ext(chunk_bucket, 0)))
+
+        def one_group(args):
+            def compute(args):
+                rows = jax.lax.map(fn, args)  # [g, chunk, B, ...]
+                vals, finite = _finish(config, params, rows.reshape((g * chunk,) + rows.shape[2:]), metric, ctx, n_pos)
+                return vals.reshape((g, chunk) + vals.shape[1:]), finite.reshape(g, chunk)
+
+            shapes = jax.eval_shape(compute, args)
+            padding = lambda args: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)  # noqa: E731
+            return jax.lax.cond(jnp.all(args[1] >= config.n_layers), padding, compute, args)  # dropped: not run
+
+        vals, finite = jax.lax.map(one_group, args)
+        flat = lambda a: a.reshape((-1,) + a.shape[2:])[:n_chunks]  # noqa: E731
+        return flat(vals), flat(finite)
 
     if mesh is None:
         return run_chunks(params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_bucket)
@@ -421,7 +607,7 @@ def _core(config, params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_b
         def body(args):
             ix, start, bucket = args
             ix = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, along), ix)
-            vals, finite = fn((ix, start, bucket))
+            vals, finite = _finish(config, params, fn((ix, start, bucket)), metric, ctx, n_pos)
             return jax.lax.with_sharding_constraint(vals, along), finite
 
         return jax.lax.map(body, (idx, chunk_start, chunk_bucket))
@@ -469,6 +655,8 @@ def run(
     progress: bool | None = None,
     checkpoint=None,
     memory_budget: int | str | None = None,
+    same_before: int = 0,
+    skip: bool = True,
 ) -> jax.Array:
     """Run every patch of ``sweep``: ``(metric values [P, M, B] in the sweep's order, Plan)``.
 
@@ -496,8 +684,29 @@ def run(
         memory_budget: bytes per device (or ``"2GiB"``) the sweep program may use; with it, or
             on a device that reports its memory, an automatic chunk size is the largest that the
             compiled program's memory analysis fits (see :mod:`jaxpatch.planner`).
+        same_before: the caller's guarantee that at every position before it the run and the
+            source activations are identical at every layer (their inputs agree there, e.g. the
+            first position where clean and corrupted prompts differ; :func:`first_difference`).
+            0 (the default) claims nothing; never give more for mean or zero sources.
+        skip: run only the patches that can change what the metric reads (see
+            :func:`skippable`); the others get the unpatched run's metric, exactly. ``False``
+            runs every patch (the slow twin the skips are tested against).
     """
+    global last_plan
     check(sweep, config, n_pos)
+    if isinstance(same_before, bool) or not isinstance(same_before, (int, np.integer)) or not 0 <= same_before <= n_pos:
+        raise InputError(f"same_before must be an int in 0..{n_pos}; got {same_before!r}.")
+    if isinstance(metric, CustomMetric):
+        read_positions = np.arange(metric.first_pos, n_pos)
+    else:
+        read_positions = np.unique(np.asarray(ctx["answer_pos"]))
+    noop, dead = skippable(sweep, config.n_layers, n_pos, read_positions, same_before) if skip else (
+        np.zeros(sweep.size, bool), np.zeros(sweep.size, bool))
+    if not skip:
+        same_before = 0
+    full_sweep, live = sweep, np.flatnonzero(~(noop | dead))
+    if live.size < sweep.size:  # run the live patches only (the skipped ones return the unpatched metric)
+        sweep = Sweep(sweep.site, {a: np.asarray(v)[live] for a, v in sweep.index.items()}, ("patch",), (int(live.size),))
     if mesh == "auto":
         mesh = default_mesh()
     if mesh is not None:
@@ -515,8 +724,13 @@ def run(
         max_offset = metric.first_pos
     else:
         max_offset = int(np.min(np.asarray(ctx["answer_pos"])))
+    if live.size == 0:  # every patch is skipped: no patched run at all
+        last_plan = None
+        return _with_skipped(config, params, run_ivs, run_cache, ctx, metric, n_pos, full_sweep, live, None,
+                             Plan(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32), (0,), 1, 0,
+                                  int(noop.sum()), int(dead.sum()), same_before, live))
     if position_buckets == "auto":
-        position_buckets = auto_buckets(config, sweep, B, n_pos, max_offset)
+        position_buckets = auto_buckets(config, sweep, B, n_pos, max_offset, same_before)
     if not isinstance(position_buckets, int) or position_buckets < 1:
         raise InputError(f"position_buckets must be 'auto' or an int >= 1, got {position_buckets!r}.")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
@@ -524,6 +738,7 @@ def run(
     from . import multihost as _multihost
 
     multi = _multihost.spans_processes(mesh)
+    unpatched_inputs = (config, params, run_ivs, run_cache, ctx, metric, n_pos)  # this process's own arrays
     if multi:  # every process holds the same inputs (checked): global arrays over every device
         from .resume import fingerprint
 
@@ -532,17 +747,24 @@ def run(
             n_pos, chunk_size, position_buckets))
         params, run_ivs, run_cache, source, ctx = _multihost.replicate((params, run_ivs, dict(run_cache), source, dict(ctx)), mesh)
     if chunk_size is None:
-        chunk_size = default_chunk_size(sweep, B, n_pos, position_buckets)
+        chunk_size = default_chunk_size(sweep, B, n_pos, position_buckets, same_before=same_before)
         chunk_size = _planned_chunk(config, params, sweep, run_cache, source, source_stacked, metric, ctx, n_pos, run_ivs,
-                                    mesh, n_dev, max_offset, position_buckets, chunk_size, memory_budget)
+                                    mesh, n_dev, max_offset, position_buckets, chunk_size, memory_budget, same_before)
     chunk_size = -(-chunk_size // n_split) * n_split
-    pl = plan(sweep, config.n_layers, n_pos, max_offset, chunk_size, n_dev, position_buckets)
+    group = _unembed_group(metric, B, n_pos, chunk_size, mesh, sweep.size)
+    # Chunks come in multiples of n_dev x group: every device's share, and every dispatch group of
+    # the progress bar or a checkpoint, holds whole unembedding groups (bitwise the same grouping).
+    unit = n_dev * group
+    pl = plan(sweep, config.n_layers, n_pos, max_offset, chunk_size, unit, position_buckets, same_before,
+              _edits_layers(run_ivs))
+    pl = dataclasses.replace(pl, n_noop=int(noop.sum()), n_dead=int(dead.sum()), live=live, unit=unit)
+    last_plan = pl
     n_chunks = len(pl.chunk_start)
     idx = {a: jnp.asarray(np.asarray(v)[pl.order].reshape((n_chunks, pl.chunk) + np.shape(v)[1:])) for a, v in sweep.index.items()}
     from . import progress as _progress
 
     core = partial(_core, config, params, run_ivs, dict(run_cache), source, dict(ctx), site=sweep.site, paired=sweep.joint,
-                   source_stacked=source_stacked, offsets=pl.offsets, metric=metric, n_pos=n_pos, mesh=mesh)
+                   source_stacked=source_stacked, offsets=pl.offsets, metric=metric, n_pos=n_pos, mesh=mesh, group=group)
     if checkpoint is not None or multi:  # dispatch groups: saved/loaded (resume.py), gathered (multihost.py)
         from . import resume as _resume
 
@@ -550,17 +772,17 @@ def run(
         if checkpoint is not None:
             checkpoint.writer = jax.process_index() == 0
             checkpoint.describe.update(chunk_size=pl.chunk, position_buckets=position_buckets)
-            checkpoint.open({"plan": _resume.fingerprint(pl.order[: sweep.size], pl.chunk, pl.chunk_start[:n_real],
+            checkpoint.open({"plan": _resume.fingerprint(live, pl.order[: sweep.size], pl.chunk, pl.chunk_start[:n_real],
                                                          pl.chunk_bucket[:n_real], pl.offsets),
                              "inputs": _resume.fingerprint(dict(run_cache), source, source_stacked, dict(ctx), run_ivs, metric, n_pos),
                              "software": _resume.software()})
         out = _resume.run_groups(core, idx, pl.chunk_start, pl.chunk_bucket, n_real=n_real, n_layers=config.n_layers,
-                                 n_dev=n_dev, checkpoint=checkpoint, put=_multihost.putter(mesh) if multi else None,
+                                 n_dev=unit, checkpoint=checkpoint, put=_multihost.putter(mesh) if multi else None,
                                  fetch=_multihost.fetch if multi else None,
                                  show_bar=_progress.enabled(progress) and jax.process_index() == 0, desc=f"sweep {sweep.site}")
         out = tuple(jnp.asarray(o) for o in out)
     elif _progress.enabled(progress):  # a bar: a few equal dispatches, no host callback (see _run_with_bar)
-        out = _run_with_bar(core, idx, pl.chunk_start, pl.chunk_bucket, config.n_layers, n_dev, f"sweep {sweep.site}")
+        out = _run_with_bar(core, idx, pl.chunk_start, pl.chunk_bucket, config.n_layers, unit, f"sweep {sweep.site}")
     else:
         out = core(idx, jnp.asarray(pl.chunk_start), jnp.asarray(pl.chunk_bucket))
     vals, finite = out
@@ -574,12 +796,45 @@ def run(
     # is reported with the patch that produced it instead of flowing into tables and plots.
     ok = np.asarray(finite.reshape(-1)[inv] & jnp.all(jnp.isfinite(vals), axis=tuple(range(1, vals.ndim))))
     if not ok.all():
-        raise_nonfinite(sweep, np.flatnonzero(~ok))
+        raise_nonfinite(full_sweep, live[np.flatnonzero(~ok)])
+    if live.size < full_sweep.size:
+        return _with_skipped(*unpatched_inputs, full_sweep, live, vals, pl)
     return vals, pl
 
 
+def _unembed_group(metric, batch: int, n_pos: int, chunk: int, mesh, n_patches: int) -> int:
+    """Chunks whose read rows are unembedded in one matmul (about :data:`UNEMBED_ROWS` rows), but
+    few enough that the sweep keeps :data:`MAX_PROGRESS_GROUPS` dispatch groups (a bar that moves,
+    checkpoints that save progress); 1 on a 2-D mesh (each chunk is split over the
+    sweep axis there)."""
+    if mesh is not None and "model" in mesh.axis_names:
+        return 1
+    read = batch * (n_pos - metric.first_pos if isinstance(metric, CustomMetric) else 1)
+    # A function of the devices this process sees, never of the mesh a sweep uses: one device and
+    # all of them group the same chunks (bitwise the same values).
+    spread = MAX_PROGRESS_GROUPS * len(jax.devices())
+    return max(1, min(UNEMBED_ROWS // max(1, chunk * read), math.ceil(n_patches / chunk) // spread))
+
+
+def _edits_layers(ivs: Interventions) -> bool:
+    """Whether interventions edit any per-layer site (then every chunk runs its last layer whole)."""
+    return any(SITES[site].per_layer if site in SITES else True for site in ivs.sites())
+
+
+def _with_skipped(config, params, run_ivs, run_cache, ctx, metric, n_pos, sweep, live, vals, pl):
+    """The whole sweep's values: the live patches' ``vals``, the unpatched metric elsewhere."""
+    base, finite = _unpatched(config, params, run_ivs, dict(run_cache), dict(ctx), metric=metric, n_pos=n_pos)
+    if not bool(finite & jnp.all(jnp.isfinite(base))):
+        skipped = np.setdiff1d(np.arange(sweep.size), live)
+        raise_nonfinite(sweep, skipped, unpatched=True)
+    out = jnp.broadcast_to(base.astype(vals.dtype if vals is not None else base.dtype), (sweep.size,) + base.shape)
+    if vals is not None:
+        out = out.at[jnp.asarray(live)].set(vals)
+    return out, pl
+
+
 def _planned_chunk(config, params, sweep, run_cache, source, source_stacked, metric, ctx, n_pos, run_ivs, mesh, n_dev,
-                   max_offset, position_buckets, preferred, memory_budget) -> int:
+                   max_offset, position_buckets, preferred, memory_budget, same_before=0) -> int:
     """``preferred`` (the speed heuristic's chunk), or the largest candidate at most it whose
     compiled program fits the memory budget (``memory_budget``, else the devices' reported free
     memory; without either: ``preferred``). See :mod:`jaxpatch.planner`."""
@@ -603,15 +858,17 @@ def _planned_chunk(config, params, sweep, run_cache, source, source_stacked, met
         said = f"{_planner.DEVICE_HEADROOM:.0%} of the free memory {devices[0].device_kind} reports"
         resident = min(_planner.resident_bytes((params, run_ivs, run_cache, source, ctx), d) for d in devices)
 
-    def measure(c: int):
-        p = plan(sweep, config.n_layers, n_pos, max_offset, c, n_dev, position_buckets)
+    def measure(c: int):  # one unembedding group of chunks per device, as run() dispatches them
+        g = _unembed_group(metric, int(run_cache["resid"].shape[1]), n_pos, c, mesh, sweep.size)
+        k = n_dev * g
+        p = plan(sweep, config.n_layers, n_pos, max_offset, c, k, position_buckets, same_before, _edits_layers(run_ivs))
         put = _multihost.putter(mesh) if multi else (lambda a, sharded: jnp.asarray(a))
-        ix = {a: put(np.asarray(v)[p.order[: n_dev * c]].reshape((n_dev, c) + np.shape(v)[1:]), True) for a, v in sweep.index.items()}
+        ix = {a: put(np.asarray(v)[p.order[: k * c]].reshape((k, c) + np.shape(v)[1:]), True) for a, v in sweep.index.items()}
         compiled = _core.lower(config, params, run_ivs, dict(run_cache), source, dict(ctx), ix,
-                               put(p.chunk_start[:n_dev], True), put(p.chunk_bucket[:n_dev], True), site=sweep.site,
+                               put(p.chunk_start[:k], True), put(p.chunk_bucket[:k], True), site=sweep.site,
                                paired=sweep.joint, source_stacked=source_stacked, offsets=p.offsets, metric=metric,
-                               n_pos=n_pos, mesh=mesh).compile()
-        return _planner.estimate(compiled, c, len(p.chunk_start) // n_dev, resident)
+                               n_pos=n_pos, mesh=mesh, group=g).compile()
+        return _planner.estimate(compiled, c, len(p.chunk_start) // k, resident)
 
     return _planner.choose_chunk(measure, preferred, budget, source=said, what=f"This sweep of {sweep.site!r}")
 
@@ -632,11 +889,13 @@ def describe_patch(sweep: Sweep, i: int) -> str:
     return " + ".join(f"[{comp(k)}]" for k in range(np.asarray(sweep.index["layer"]).shape[1]))
 
 
-def raise_nonfinite(sweep: Sweep, bad: np.ndarray):
+def raise_nonfinite(sweep: Sweep, bad: np.ndarray, unpatched: bool = False):
     shown = "; ".join(f"#{int(i)} ({describe_patch(sweep, int(i))})" for i in bad[:5])
     more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    why = (" (these patches cannot change the metric, so they report the unpatched run's metric, which is "
+           "NaN or inf)") if unpatched else ""
     raise NonFiniteError(
-        f"{len(bad)} of {sweep.size} patches of {sweep.site!r} produced NaN or inf logits or metric values: "
+        f"{len(bad)} of {sweep.size} patches of {sweep.site!r} produced NaN or inf logits or metric values{why}: "
         f"{shown}{more}. Check the source activations and the metric (a log of zero, a division by zero), "
         f"and the model's weights and dtype (float16 overflows)."
     )

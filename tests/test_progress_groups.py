@@ -43,8 +43,10 @@ def test_bar_moves_per_group_and_results_are_unchanged(tiny_model, n_patches, me
     sw.last_progress.clear()
     shown = jaxpatch.activation_patch(tiny_model, clean, corrupt, progress=True, **kw)
     n_dev = 1 if mesh is None else len(jax.local_devices())
-    n_chunks = math.ceil(n_patches / n_dev) * n_dev
-    groups, _ = sw._progress_groups(n_chunks, n_dev)
+    n_chunks = len(sw.last_plan.chunk_start)  # whole multiples of devices x unembedding groups
+    unit = sw.last_plan.unit
+    assert n_chunks >= math.ceil(n_patches / n_dev) * n_dev and unit % n_dev == 0 and n_chunks % unit == 0
+    groups, _ = sw._progress_groups(n_chunks, unit)
     assert sw.last_progress == {"total": n_chunks, "done": n_chunks, "updates": groups}
     assert groups > 1  # the bar really moves during the sweep
     np.testing.assert_array_equal(shown.per_prompt, quiet.per_prompt)

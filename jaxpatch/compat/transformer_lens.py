@@ -77,10 +77,19 @@ def generic_activation_patch(model: HookedModel, corrupted_tokens, clean_cache: 
     logits, caps = model.run(tokens, capture=_sweep.run_sites(model.config), attention_mask=mask)
     metric, consts = _trace_metric(patching_metric, logits)
     spec = _sweep.grid(model.config, site, index_axis_names, T)
+    # Patches at positions before the first where the clean and corrupted runs' inputs to block 0
+    # differ are no-ops (identical activations there at every layer): not run. Without the clean
+    # cache's block-0 residual nothing is claimed.
+    try:
+        same_before = _sweep.first_difference(clean_cache.stacked("blocks.hook_resid_pre")[0], caps["blocks.hook_resid_pre"][0])
+    except KeyError:
+        same_before = 0
+    if not engine_kw.get("skip", True):
+        same_before = 0
     out, _ = _sweep.run(
         model.config, model.params, spec,
         _sweep.run_cache(model.config, caps, tokens, mask),
-        source, True, metric, {"metric_consts": consts}, T, **engine_kw,
+        source, True, metric, {"metric_consts": consts}, T, same_before=same_before, **engine_kw,
     )
     return out.reshape(spec.grid_shape)
 

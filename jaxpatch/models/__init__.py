@@ -2,8 +2,9 @@
 format. Code outside this package uses only the names below, never a family.
 
 * ``forward(config, params, tokens, interventions, capture, attention_mask)`` -> logits, captures
-* ``run_context`` / ``run_blocks_from`` / ``logits_at`` / ``kv_sites``: the pieces a sweep uses to
-  rerun a suffix of layers and positions from a cached run
+* ``run_context`` / ``run_blocks_from`` / ``logits_at`` / ``logits_columns`` / ``kv_sites``: the
+  pieces a sweep uses to rerun a suffix of layers and positions from a cached run and read its
+  logits (all of them, or only given tokens' columns)
 * ``attention_logits`` / ``layer_windows`` / ``head_rms``: the attention's masked scores from the
   queries and keys it reads, each layer's sliding window, and the q/k norm (AtP*'s QK fix)
 * ``head_write_sites`` / ``head_writes``: each attention head's exactly additive write to the
@@ -25,6 +26,7 @@ from .transformer import (  # noqa: F401
     head_writes as head_writes,
     kv_sites as kv_sites,
     logits_at as logits_at,
+    logits_columns as logits_columns,
     run_blocks_from as run_blocks_from,
     run_context as run_context,
 )

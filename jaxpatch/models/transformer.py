@@ -194,7 +194,8 @@ def attention_logits(config: ModelConfig, q, k, q_index, k_index, window, key_ma
         q: queries ``[B, T, N, H]`` as the attention reads them (after the q norm and rotary
             embedding: ``hook_rot_q`` of rotary models).
         k: keys ``[B, S, K, H]``, likewise (``hook_rot_k``); ``K = n_kv_heads``.
-        q_index, k_index: sequence indices ``[T]`` / ``[S]`` of the query and key rows.
+        q_index, k_index: sequence indices ``[T]`` (or ``[B, T]``: per prompt) / ``[S]`` of the
+            query and key rows.
         window: this layer's sliding window (a scalar; a huge number if none).
         key_mask: ``[B, S]``, true at real (non-padding) keys.
 
@@ -209,24 +210,35 @@ def attention_logits(config: ModelConfig, q, k, q_index, k_index, window, key_ma
     scale = c.attn_scale if c.attn_scale is not None else 1.0 / math.sqrt(c.d_head)
     scores = jnp.einsum("BTNH,BSNH->BNTS", q, k_att) * jnp.asarray(scale, q.dtype)
     scores = _softcap(scores, c.attn_softcap)
-    qi, ki = q_index[:, None], k_index[None, :]
-    visible = (ki <= qi) & (qi - ki < window)  # [T, S]
-    visible = visible[None, None] & key_mask[:, None, None, :].astype(bool)  # [B, 1, T, S]
+    qi = q_index[..., :, None]
+    ki = k_index.reshape((1,) * (qi.ndim - 1) + k_index.shape)
+    visible = (ki <= qi) & (qi - ki < window)  # [(B,) T, S]
+    visible = (visible[None, None] if visible.ndim == 2 else visible[:, None]) & key_mask[:, None, None, :].astype(bool)
     return jnp.where(visible, scores, jnp.asarray(-jnp.inf, scores.dtype)), visible
 
 
-def block(config: ModelConfig, p: Params, x, hs: SiteHandler, ctx, prefix_kv=None):
+def _rows(a, read):
+    """Rows ``read`` ``[B, R]`` of ``a`` ``[B, T, ...]`` -> ``[B, R, ...]``."""
+    return jnp.take_along_axis(a, read.reshape(read.shape + (1,) * (a.ndim - 2)), axis=1)
+
+
+def block(config: ModelConfig, p: Params, x, hs: SiteHandler, ctx, prefix_kv=None, read=None):
     """One transformer block on residual stream ``x`` ``[B, T, D]`` (``p``: that layer's params).
 
     ``ctx``: per-run data for this layer: ``positions`` ``[B, T]`` of the rows in ``x``,
     ``key_mask`` ``[B, S]`` (all keys), ``q_index``/``k_index`` (sequence indices), ``window``
     (this layer's sliding window, or a huge number), ``cos``/``sin`` (rotary tables of the rows).
     ``prefix_kv``: ``(k, v)`` ``[B, s, K, H]`` of positions ``0..s-1`` (see module docstring).
+    ``read``: ``[B, R]`` row indices into ``x``: compute every row's keys and values but the
+    queries, attention, MLP and output of these rows only (``[B, R, D]``): a last layer whose other
+    rows nothing reads. Not with edits or captures (``hs`` must do nothing).
     """
     c = config
     x = hs("blocks.hook_resid_pre", x)
     h = _norm(c, x, p["ln1_w"], p.get("ln1_b"), hs, "blocks.ln1")
     split = hs.wants("blocks.hook_q_input", "blocks.hook_k_input", "blocks.hook_v_input")
+    if read is not None and (split or hs.ivs or hs.capture):
+        raise JaxpatchError("internal: a block computing only some rows cannot apply edits or captures.")
     if split:  # per-head copies of the attention's input (edge methods patch one head's input)
         N, K = c.n_heads, c.n_kv_heads
         xq = hs("blocks.hook_q_input", jnp.broadcast_to(x[:, :, None, :], x.shape[:2] + (N, x.shape[-1])))
@@ -243,9 +255,15 @@ def block(config: ModelConfig, p: Params, x, hs: SiteHandler, ctx, prefix_kv=Non
         k = jnp.einsum("BSKD,KDH->BSKH", hk, p["W_K"])
         v = jnp.einsum("BSKD,KDH->BSKH", hv, p["W_V"])
     else:
-        q = jnp.einsum("BTD,NDH->BTNH", h, p["W_Q"])
+        q = jnp.einsum("BTD,NDH->BTNH", h if read is None else _rows(h, read), p["W_Q"])
         k = jnp.einsum("BSD,KDH->BSKH", h, p["W_K"])
         v = jnp.einsum("BSD,KDH->BSKH", h, p["W_V"])
+    q_index, q_cos, q_sin = ctx["q_index"], ctx.get("cos"), ctx.get("sin")
+    if read is not None:  # from here on only the read rows (their residual, queries, positions)
+        x = _rows(x, read)
+        q_index = _rows(jnp.broadcast_to(q_index, read.shape[:1] + q_index.shape), read)
+        if c.positional == "rotary":
+            q_cos, q_sin = _rows(q_cos, read), _rows(q_sin, read)
     if c.qkv_bias:
         q, k, v = q + lift(p["b_Q"], 4), k + lift(p["b_K"], 4), v + lift(p["b_V"], 4)
     q = hs("blocks.attn.hook_q", q)
@@ -254,14 +272,14 @@ def block(config: ModelConfig, p: Params, x, hs: SiteHandler, ctx, prefix_kv=Non
     if c.qk_norm:
         q, k = _head_rms(q, p["q_norm_w"], c.eps), _head_rms(k, p["k_norm_w"], c.eps)
     if c.positional == "rotary":
-        q = hs("blocks.attn.hook_rot_q", apply_rotary(q, ctx["cos"], ctx["sin"], c.rotary_dim))
+        q = hs("blocks.attn.hook_rot_q", apply_rotary(q, q_cos, q_sin, c.rotary_dim))
         k = hs("blocks.attn.hook_rot_k", apply_rotary(k, ctx["cos"], ctx["sin"], c.rotary_dim))
     if prefix_kv is not None:
         k = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=1)
         v = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=1)
     group = c.n_heads // c.n_kv_heads
     v_att = jnp.repeat(v, group, axis=2) if group > 1 else v  # query head n reads value head n // group
-    scores, visible = attention_logits(c, q, k, ctx["q_index"], ctx["k_index"], ctx["window"], ctx["key_mask"])
+    scores, visible = attention_logits(c, q, k, q_index, ctx["k_index"], ctx["window"], ctx["key_mask"])
     scores = hs("blocks.attn.hook_attn_scores", scores)
     # Softmax in at least float32; masked entries are -inf (TransformerLens's convention). A row
     # with no visible key (a padding query) gets zeros, never NaN.
@@ -417,7 +435,7 @@ def forward(config: ModelConfig, params: Params, tokens, interventions: Interven
 
 
 def run_blocks_from(config: ModelConfig, blocks: Params, x, start, run_ctx, ivs: Interventions = NONE,
-                    pos_offset: int = 0, prefix_kv=None):
+                    pos_offset: int = 0, prefix_kv=None, read=None, full_last=True):
     """Run blocks ``start..n_layers-1`` (``start`` may be traced) on residual stream ``x``.
 
     Args:
@@ -429,12 +447,20 @@ def run_blocks_from(config: ModelConfig, blocks: Params, x, start, run_ctx, ivs:
         prefix_kv: the :func:`kv_sites` activations stacked ``[L, B, T, K, H]`` (only positions
             ``< pos_offset`` are read), required when ``pos_offset > 0``.
 
+        read: ``[B, R]`` indices of the rows of ``x`` the caller reads after the last block; then
+            only those rows are returned (``[B, R, D]``).
+        full_last: with ``read``, a (traced) bool: false computes the last block's queries,
+            attention and MLP for the read rows only (keys and values for all), which is exact
+            only when no edit of ``ivs`` applies in the last layer; true runs it whole.
+
     Returns:
-        the residual stream after the last block, ``[B, T - pos_offset, D]``.
+        the residual stream after the last block, ``[B, T - pos_offset, D]`` (``[B, R, D]`` with
+        ``read``).
     """
     windows, local = _windows(config), _local(config)
+    L = config.n_layers
 
-    def body(layer, x):
+    def layer_args(layer):
         p = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False), blocks)
         kv = None
         if pos_offset:
@@ -442,10 +468,26 @@ def run_blocks_from(config: ModelConfig, blocks: Params, x, start, run_ctx, ivs:
                 jax.lax.slice_in_dim(jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False), 0, pos_offset, axis=1)
                 for a in prefix_kv
             )
-        ctx = _layer_ctx(config, run_ctx, layer, windows[layer], local[layer], pos_offset)
+        return p, _layer_ctx(config, run_ctx, layer, windows[layer], local[layer], pos_offset), kv
+
+    def body(layer, x):
+        p, ctx, kv = layer_args(layer)
         return block(config, p, x, SiteHandler(ivs, frozenset(), layer, pos_offset), ctx, kv)
 
-    return jax.lax.fori_loop(start, config.n_layers, body, x)
+    if read is None:
+        return jax.lax.fori_loop(start, L, body, x)
+    x = jax.lax.fori_loop(start, L - 1, body, x)
+    last = jnp.asarray(L - 1, jnp.int32)
+
+    def whole(x):  # the last block with its edits, then the read rows
+        return _rows(body(last, x), read)
+
+    def rows_only(x):  # no edit applies in the last layer: its unread rows feed nothing
+        p, ctx, kv = layer_args(last)
+        return block(config, p, x, SiteHandler(NONE, frozenset(), last, pos_offset), ctx, kv, read=read)
+
+    # A chunk that starts past the last layer (padding) runs none: its read rows are its input's.
+    return jax.lax.cond(start >= L, lambda x: _rows(x, read), lambda x: jax.lax.cond(full_last, whole, rows_only, x), x)
 
 
 def logits_at(config: ModelConfig, params: Params, x, ivs: Interventions = NONE, pos_offset: int = 0):
@@ -455,6 +497,20 @@ def logits_at(config: ModelConfig, params: Params, x, ivs: Interventions = NONE,
 
 # ----------------------------------------------------------------------------------------------
 # Random parameters (tests, toys)
+
+
+def logits_columns(config: ModelConfig, params: Params, x, columns):
+    """Final norm and the logits of given tokens only: residual rows ``x`` ``[..., B, D]``,
+    ``columns`` ``[B, C]`` token ids per prompt -> ``[..., B, C]``, equal to ``logits_at``'s
+    columns (each is one dot product with that token's unembedding column)."""
+    h = _norm(config, x, params["ln_f_w"], params.get("ln_f_b"), SiteHandler(NONE, frozenset()), "ln_final")
+    w_u = params["W_U"] if "W_U" in params else params["W_E"].T  # [D, V]
+    cols = jnp.take(w_u, columns, axis=1)  # [D, B, C]
+    logits = jnp.einsum("...BD,DBC->...BC", h, cols.astype(h.dtype))
+    if config.unembed_bias:
+        bias = jnp.take(params["b_U"], columns).astype(logits.dtype)
+        logits = logits + bias.reshape((1,) * (logits.ndim - 2) + bias.shape)
+    return _softcap(logits, config.final_softcap)
 
 
 def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, init_range: float = 0.02) -> Params:
