@@ -1,11 +1,26 @@
-"""Exact activation-patching sweeps: TransformerLens vs a naive jitted loop vs jaxpatch.
+"""Exact activation-patching sweeps: TransformerLens vs jaxpatch on identical weights, against this
+machine's own matmul ceiling.
 
-Same random weights in all three (see ``_harness.build_trio``); every jaxpatch result is checked
-against TransformerLens's before it is timed. For each sweep it prints wall seconds (jaxpatch:
-median of warm runs, compile separately), patches/s, speedups over TransformerLens (warm, and first
-call including compilation), executed vs minimal FLOPs, and achieved GFLOP/s.
+Same random weights in both (see ``_harness.build_trio``); every jaxpatch result is checked against
+TransformerLens's before it is timed. Two prompt settings: corrupted prompts that differ from the
+clean ones at positions 3 and 9 (``pos3+9``), and at one late position (``late``, IOI-like: a
+name near the end). For each sweep it prints:
 
-Run:  python benchmarks/bench_sweep.py            (GPT-2-small shape + a small 4-layer model)
+* TransformerLens seconds (one forward per patch; a seeded sample of the patches, extrapolated per
+  patch and marked ``~``, where the sweep has more than ``--tl-max`` patches), jaxpatch seconds
+  (median of warm runs, and the first call including compilation), the speed-ups;
+* the **live minimum**: FLOPs of only the patches and positions that can change the answer (each
+  live patch recomputes the layers from its own and the positions from its first, or from the
+  first position where the prompts differ; in the last layer only keys/values except at the read
+  rows; plus the unembedding the metric needs), and executed / live minimum;
+* achieved GFLOP/s against the **measured ceiling**: the rate this machine reaches, in the same
+  run, on jitted float32 matmuls of the block's shapes at the sweep's rows per matmul.
+
+jaxpatch runs through its TransformerLens-compatible API with the same opaque metric function
+(full-vocabulary logits at the last position); ``--native`` also times ``activation_patch`` with
+the built-in logit difference (two unembedding columns instead of the vocabulary).
+
+Run:  python benchmarks/bench_sweep.py            (GPT-2-small shape, batch 8 x 16 tokens)
       python benchmarks/bench_sweep.py --smoke    (tiny, for CI)
 """
 
@@ -28,159 +43,218 @@ import jaxpatch  # noqa: E402
 from benchmarks import _harness as H  # noqa: E402
 from jaxpatch import sweep as sw  # noqa: E402
 from jaxpatch.compat import transformer_lens as jp_tl  # noqa: E402
-from jaxpatch.models import gpt2  # noqa: E402
 
 GPT2_SMALL = jaxpatch.ModelConfig(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=1024)
-SMALL = jaxpatch.ModelConfig(n_layers=4, d_model=256, n_heads=8, d_head=32, d_mlp=1024, d_vocab=5000, n_ctx=128)
 TINY = jaxpatch.ModelConfig(n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=256, d_vocab=257, n_ctx=32)
 
-# name -> (compat function, site, grid axes)
+# name -> (TransformerLens / compat function, site, grid axes, native short site)
 SWEEPS = {
-    "resid_pre": ("get_act_patch_resid_pre", "blocks.hook_resid_pre", ("layer", "pos")),
-    "attn_head_out_all_pos": ("get_act_patch_attn_head_out_all_pos", "blocks.attn.hook_z", ("layer", "head")),
-    "mlp_out": ("get_act_patch_mlp_out", "blocks.hook_mlp_out", ("layer", "pos")),
-    "attn_head_out_by_pos": ("get_act_patch_attn_head_out_by_pos", "blocks.attn.hook_z", ("layer", "pos", "head")),
+    "resid_pre": ("get_act_patch_resid_pre", "blocks.hook_resid_pre", ("layer", "pos"), "resid_pre"),
+    "mlp_out": ("get_act_patch_mlp_out", "blocks.hook_mlp_out", ("layer", "pos"), "mlp_out"),
+    "heads_by_pos": ("get_act_patch_attn_head_out_by_pos", "blocks.attn.hook_z", ("layer", "pos", "head"), "z"),
+    "heads_all_pos": ("get_act_patch_attn_head_out_all_pos", "blocks.attn.hook_z", ("layer", "head"), "z"),
 }
+#: prompt setting -> positions where the corrupted prompts differ (for 16-token prompts)
+SETTINGS = {"pos3+9": (3, 9), "late": (13,)}
 
 
-def layer_row_flops(c: jaxpatch.ModelConfig, keys: int) -> int:
-    """FLOPs of one token row through one block (projections, MLP, attention over ``keys``)."""
+# ----------------------------------------------------------------------------------------------
+# FLOP accounting (2 per multiply-add; matmuls only, as in _harness.forward_flops)
+
+
+def _row_flops(c, keys: int) -> tuple[int, int]:
+    """(a whole block's FLOPs for one token row, its key/value projections' share)."""
+    nh, kh = c.n_heads * c.d_head, c.n_kv_heads * c.d_head
+    mlp = (6 if c.gated_mlp else 4) * c.d_model * c.d_mlp
+    kv = 4 * c.d_model * kh
+    return 2 * c.d_model * nh + kv + 2 * nh * c.d_model + mlp + 4 * nh * keys, kv
+
+
+def _patch_flops(c, start: int, first: int, B: int, T: int, R: int, full_last: bool, unembed_cols: int) -> int:
+    """FLOPs of one patched run: layers ``start..`` at positions ``first..``; the last layer whole
+    or (keys/values for every row, the rest for the ``R`` read rows); the unembedding."""
+    if start >= c.n_layers:
+        return 0
+    row, kv = _row_flops(c, T)
+    rows = B * (T - first)
+    body = (c.n_layers - 1 - start) * rows * row
+    last = rows * row if full_last else rows * kv + B * R * (row - kv)
+    return body + last + B * R * 2 * c.d_model * unembed_cols
+
+
+def executed_flops(c, pl: sw.Plan, B: int, T: int, R: int, unembed_cols: int) -> int:
+    nb = len(pl.offsets)
+    total = 0
+    for start, bucket in zip(pl.chunk_start, pl.chunk_bucket):
+        total += pl.chunk * _patch_flops(c, int(start), pl.offsets[bucket % nb], B, T, R, bucket >= nb, unembed_cols)
+    return total
+
+
+def live_minimum_flops(c, spec: sw.Sweep, live, same_before: int, B: int, T: int, R: int, unembed_cols: int) -> int:
+    layer = np.asarray(spec.index["layer"])
+    first = sw._first_pos(spec, same_before)
+    return sum(_patch_flops(c, int(layer[i]), int(first[i]), B, T, R, False, unembed_cols) for i in live)
+
+
+def ceiling(c, rows: int, runs: int = 5) -> float:
+    """GFLOP/s of jitted float32 matmuls of one block's shapes at ``rows`` rows (the best of
+    ``runs`` for each, summed FLOPs over summed time)."""
     nh = c.n_heads * c.d_head
-    return 8 * c.d_model * nh + 4 * c.d_model * c.d_mlp + 4 * nh * keys
+    shapes = [(c.d_model, 3 * nh), (nh, c.d_model), (c.d_model, c.d_mlp), (c.d_mlp, c.d_model)]
+    mm = jax.jit(lambda a, b: a @ b)
+    flops = secs = 0.0
+    for k, n in shapes:
+        a = jax.random.normal(jax.random.PRNGKey(0), (rows, k), jnp.float32)
+        b = jax.random.normal(jax.random.PRNGKey(1), (k, n), jnp.float32)
+        jax.block_until_ready(mm(a, b))
+        secs += H.time_fn(lambda: jax.block_until_ready(mm(a, b)), runs=runs, warmup=1)["p10"]
+        flops += 2 * rows * k * n
+    return flops / secs / 1e9
 
 
-def sweep_flops(c, spec, batch, pos, chunk, buckets):
-    """(executed, minimal) FLOPs of a jaxpatch sweep whose metric reads the last position."""
-    pl = sw.plan(spec, c.n_layers, pos, pos - 1, chunk, 1, buckets)
-    unembed = 2 * c.d_model * c.d_vocab * batch
-    executed = sw.executed_rows(pl, c.n_layers, pos) * batch * layer_row_flops(c, pos) + len(pl.order) * unembed
-    minimal = sw.minimal_rows(spec, c.n_layers, pos) * batch * layer_row_flops(c, pos) + spec.size * unembed
-    return executed, minimal
+# ----------------------------------------------------------------------------------------------
 
 
-def naive_loop(model, corrupt, clean_cache, site, spec, ans, wrong):
-    """The obvious JAX baseline: one jitted single-patch forward (indices traced), called per patch."""
-    cfg, params = model.config, model.params
-    source = clean_cache.stacked(site)
-    b = jnp.arange(corrupt.shape[0])
-
-    @jax.jit
-    def one(ix):
-        iv = jaxpatch.Interventions({site: (jaxpatch.Edit(layers=ix["layer"], index={a: v for a, v in ix.items() if a != "layer"},
-                                                           value=source, stacked=True),)})
-        lg = gpt2.forward(cfg, params, corrupt, iv)[0][:, -1]
-        return jnp.mean(lg[b, ans] - lg[b, wrong])
-
-    def run():
-        outs = [one({a: v[i] for a, v in idx.items()}) for i in range(spec.size)]
-        return jax.block_until_ready(jnp.stack(outs))
-
-    idx = {a: jnp.asarray(v) for a, v in spec.index.items()}
-    t0 = time.perf_counter()
-    jax.block_until_ready(one({a: v[0] for a, v in idx.items()}))
-    compile_s = time.perf_counter() - t0
-    return run, compile_s
-
-
-def bench_model(name, config, batch, pos, sweeps, runs, tl_runs, with_tl, rows, seed=0):
-    import torch
-
-    trio = H.build_trio(config, seed=seed) if with_tl else None
-    model = trio.jp if trio else jaxpatch.HookedModel.from_config(config, seed=seed)
+def prompts(config, batch, pos, diff, seed=0):
     rng = np.random.default_rng(seed)
     clean = rng.integers(0, config.d_vocab, (batch, pos)).astype(np.int32)
     corrupt = clean.copy()
-    corrupt[:, pos // 2] = (corrupt[:, pos // 2] + 1 + rng.integers(0, config.d_vocab - 1, batch)) % config.d_vocab
-    ans, wrong = rng.integers(0, config.d_vocab, batch), rng.integers(0, config.d_vocab, batch)
+    for p in diff:
+        corrupt[:, p] = (corrupt[:, p] + 1 + rng.integers(0, config.d_vocab - 1, batch)) % config.d_vocab
+    return clean, corrupt, rng.integers(0, config.d_vocab, batch), rng.integers(0, config.d_vocab, batch)
+
+
+def tl_time(trio, fn_name, spec, corrupt, tl_cache, tl_metric, max_full, sample, seed=0):
+    """TransformerLens seconds for the whole sweep (measured, or extrapolated per patch from a
+    seeded sample), its values on the patches it ran, and which patches those were."""
+    import pandas as pd
+    import torch
+    from transformer_lens import patching as tl_patching
+
+    fn = getattr(tl_patching, fn_name)
+    tokens = torch.tensor(corrupt, dtype=torch.long)
+    P = spec.size
+    if P <= max_full:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            res = fn(trio.tl, tokens, tl_cache, tl_metric).numpy().reshape(-1)
+        return time.perf_counter() - t0, res, np.arange(P), False
+    ids = np.sort(np.random.default_rng(seed).choice(P, sample, replace=False))
+    df = pd.DataFrame({n: np.asarray(spec.index[n])[ids] for n in fn.keywords["index_axis_names"]})
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        res = tl_patching.generic_activation_patch(trio.tl, tokens, tl_cache, tl_metric, fn.keywords["patch_setter"],
+                                                   fn.keywords["activation_name"], index_df=df).numpy().reshape(-1)
+    return (time.perf_counter() - t0) * P / sample, res, ids, True
+
+
+def bench_setting(name, setting, trio, config, batch, pos, sweeps, runs, args, rows, records, ceilings):
+    import torch
+
+    model = trio.jp
+    clean, corrupt, ans, wrong = prompts(config, batch, pos, SETTINGS[setting])
     bj = np.arange(batch)
 
     def jax_metric(logits):
         return jnp.mean(logits[bj, -1, ans] - logits[bj, -1, wrong])
 
+    def tl_metric(lg):
+        return (lg[bj, -1, ans] - lg[bj, -1, wrong]).mean()
+
     _, clean_cache = model.run_with_cache(clean)
-    if with_tl:
-        tl_metric = lambda lg: (lg[bj, -1, ans] - lg[bj, -1, wrong]).mean()  # noqa: E731
-        with torch.no_grad():
-            _, tl_cache = trio.tl.run_with_cache(torch.tensor(clean, dtype=torch.long))
+    with torch.no_grad():
+        _, tl_cache = trio.tl.run_with_cache(torch.tensor(clean, dtype=torch.long))
     fwd_flops = H.forward_flops(config, batch, pos)
     for sweep in sweeps:
-        fn_name, site, axes = SWEEPS[sweep]
+        fn_name, site, axes, short = SWEEPS[sweep]
         spec = sw.grid(config, site, axes, pos)
         P = spec.size
         jp_fn = getattr(jp_tl, fn_name)
-        # jaxpatch: first call (trace + compile + run), then warm runs.
         jax.clear_caches()
         t0 = time.perf_counter()
-        result = np.asarray(jp_fn(model, corrupt, clean_cache, jax_metric))
+        result = np.asarray(jp_fn(model, corrupt, clean_cache, jax_metric)).reshape(-1)
         first_s = time.perf_counter() - t0
+        pl = sw.last_plan
         warm = H.time_fn(lambda: jax.block_until_ready(jp_fn(model, corrupt, clean_cache, jax_metric)), runs=runs, warmup=1)
-        compile_s = first_s - warm["median"]
-        buckets = sw.auto_buckets(config, spec, batch, pos, pos - 1)
-        chunk = sw.default_chunk_size(spec, batch, pos, buckets)
-        executed, minimal = sweep_flops(config, spec, batch, pos, chunk, buckets)
-        row = {"model": name, "sweep": sweep, "patches": P}
-        tl_s = None
-        if with_tl:
-            from transformer_lens import patching as tl_patching
-
-            tl_fn = getattr(tl_patching, fn_name)
-            tl_times, tl_res = [], None
-            for _ in range(tl_runs):
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    tl_res = tl_fn(trio.tl, torch.tensor(corrupt, dtype=torch.long), tl_cache, tl_metric).numpy()
-                tl_times.append(time.perf_counter() - t0)
-            tl_s = float(np.median(tl_times))
-            err = float(np.max(np.abs(tl_res - result)))
-            scale = float(np.max(np.abs(tl_res)))
-            assert err <= 1e-3 * max(1.0, scale), f"{sweep}: jaxpatch differs from TransformerLens by {err}"
-            rows.append({**row, "impl": "TransformerLens", "compile s": "-", "run s": f"{tl_s:.3f}",
-                         "patches/s": f"{P / tl_s:.1f}", "exec/min FLOPs": f"{P * fwd_flops / minimal:.2f}",
-                         "GFLOP/s": f"{P * fwd_flops / tl_s / 1e9:.0f}", "max |Δ| vs TL": "-"})
-        loop_run, loop_compile = naive_loop(model, jnp.asarray(corrupt), clean_cache, site, spec, ans, wrong)
-        loop = H.time_fn(loop_run, runs=max(1, min(runs, 3)), warmup=0)
-        rows.append({**row, "impl": "naive jitted loop", "compile s": f"{loop_compile:.2f}", "run s": f"{loop['median']:.3f}",
-                     "patches/s": f"{P / loop['median']:.1f}", "speedup vs TL": f"{tl_s / loop['median']:.1f}x" if tl_s else "",
-                     "exec/min FLOPs": f"{P * fwd_flops / minimal:.2f}", "GFLOP/s": f"{P * fwd_flops / loop['median'] / 1e9:.0f}"})
-        rows.append({**row, "impl": "jaxpatch", "compile s": f"{compile_s:.2f}", "run s": f"{warm['median']:.3f}",
-                     "p10-p90": f"{warm['p10']:.3f}-{warm['p90']:.3f}", "patches/s": f"{P / warm['median']:.1f}",
-                     "speedup vs TL": f"{tl_s / warm['median']:.1f}x" if tl_s else "",
-                     "first-call speedup": f"{tl_s / first_s:.1f}x" if tl_s else "",
-                     "exec/min FLOPs": f"{executed / minimal:.2f}", "GFLOP/s": f"{executed / warm['median'] / 1e9:.0f}",
-                     "max |Δ| vs TL": f"{err:.1e}" if with_tl else "", "chunk": f"{chunk}/{buckets}b"})
-        yield {"model": name, "sweep": sweep, "patches": P, "jaxpatch_s": warm["median"], "jaxpatch_first_s": first_s,
-               "compile_s": compile_s, "loop_s": loop["median"], "tl_s": tl_s, "executed_flops": executed,
-               "minimal_flops": minimal, "chunk": chunk, "buckets": buckets}
+        tl_s, tl_res, ids, extrapolated = tl_time(trio, fn_name, spec, corrupt, tl_cache, tl_metric, args.tl_max, args.tl_sample)
+        err = float(np.max(np.abs(tl_res - result[ids])))
+        assert err <= 1e-3 * max(1.0, float(np.max(np.abs(tl_res)))), f"{sweep}: jaxpatch differs from TransformerLens by {err}"
+        live = pl.live if pl is not None and pl.live is not None else np.arange(P)
+        same_before = pl.same_before if pl is not None else pos
+        minimum = live_minimum_flops(config, spec, live, same_before, batch, pos, 1, config.d_vocab)
+        executed = executed_flops(config, pl, batch, pos, 1, config.d_vocab) if pl is not None else 0
+        rpm = pl.chunk * batch * pos if pl is not None else batch * pos
+        if rpm not in ceilings:
+            ceilings[rpm] = ceiling(config, rpm, runs=3 if args.smoke else 7)
+        ceil = ceilings[rpm]
+        rate = executed / warm["median"] / 1e9
+        tl_cell = f"{'~' if extrapolated else ''}{tl_s:.2f}"
+        row = {"model": name, "setting": setting, "sweep": sweep, "patches": P, "live": len(live), "TL s": tl_cell,
+               "jaxpatch s": f"{warm['median']:.3f}", "p10-p90": f"{warm['p10']:.3f}-{warm['p90']:.3f}",
+               "speed-up": f"{tl_s / warm['median']:.1f}x", "first-call speed-up": f"{tl_s / first_s:.1f}x",
+               "compile s": f"{first_s - warm['median']:.2f}", "live-min GFLOP": f"{minimum / 1e9:.1f}",
+               "exec/min": f"{executed / max(minimum, 1):.2f}", "GFLOP/s": f"{rate:.0f}", "ceiling GFLOP/s": f"{ceil:.0f}",
+               "of ceiling": f"{rate / ceil:.0%}", "chunk": f"{pl.chunk if pl else '-'}/{len(pl.offsets) if pl else '-'}b",
+               "max |Δ| vs TL": f"{err:.1e}"}
+        rows.append(row)
+        rec = {"model": name, "setting": setting, "sweep": sweep, "patches": P, "live": int(len(live)), "tl_s": tl_s,
+               "tl_extrapolated": extrapolated, "tl_sampled": int(len(ids)), "jaxpatch_s": warm["median"],
+               "jaxpatch_first_s": first_s, "executed_flops": executed, "live_min_flops": minimum,
+               "tl_flops": P * fwd_flops, "ceiling_gflops": ceil, "chunk": pl.chunk if pl else None, "max_err_vs_tl": err}
+        if args.native:
+            kw = dict(site=short, by=axes, answer=ans, wrong=wrong, metrics=("logit_diff",))
+            jax.clear_caches()
+            t0 = time.perf_counter()
+            nat = jaxpatch.activation_patch(model, clean, corrupt, **kw)
+            nfirst = time.perf_counter() - t0
+            npl = sw.last_plan
+            nwarm = H.time_fn(lambda: jaxpatch.activation_patch(model, clean, corrupt, **kw), runs=runs, warmup=1)
+            nerr = float(np.max(np.abs(nat.values().reshape(-1) - result)))
+            assert nerr <= 1e-3 * max(1.0, float(np.max(np.abs(result)))), f"{sweep}: native differs by {nerr}"
+            nexec = executed_flops(config, npl, batch, pos, 1, 2) if npl is not None else 0
+            nmin = live_minimum_flops(config, spec, live, same_before, batch, pos, 1, 2)
+            nrate = nexec / nwarm["median"] / 1e9
+            rows.append({**row, "sweep": f"{sweep} (native logit_diff)", "jaxpatch s": f"{nwarm['median']:.3f}",
+                         "p10-p90": f"{nwarm['p10']:.3f}-{nwarm['p90']:.3f}", "speed-up": f"{tl_s / nwarm['median']:.1f}x",
+                         "first-call speed-up": f"{tl_s / nfirst:.1f}x", "compile s": f"{nfirst - nwarm['median']:.2f}",
+                         "live-min GFLOP": f"{nmin / 1e9:.1f}", "exec/min": f"{nexec / max(nmin, 1):.2f}",
+                         "GFLOP/s": f"{nrate:.0f}", "of ceiling": f"{nrate / ceil:.0%}", "max |Δ| vs TL": f"{nerr:.1e}"})
+            rec.update(native_s=nwarm["median"], native_first_s=nfirst, native_executed_flops=nexec, native_live_min_flops=nmin)
+        records.append(rec)
+        print(f"  {setting} {sweep}: TL {tl_cell} s, jaxpatch {warm['median']:.3f} s, {tl_s / warm['median']:.1f}x", flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny model, one run each (CI)")
     ap.add_argument("--runs", type=int, default=5, help="timed warm runs of jaxpatch")
-    ap.add_argument("--tl-runs", type=int, default=1, help="timed runs of TransformerLens (slow: one forward per patch)")
-    ap.add_argument("--only", choices=["gpt2", "small"], help="run one model only")
-    ap.add_argument("--no-torch", action="store_true", help="skip TransformerLens")
+    ap.add_argument("--tl-max", type=int, default=200, help="time TransformerLens on the whole sweep up to this many patches")
+    ap.add_argument("--tl-sample", type=int, default=96, help="else on this many seeded random patches, extrapolated")
+    ap.add_argument("--sweeps", nargs="+", choices=list(SWEEPS), default=list(SWEEPS))
+    ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    ap.add_argument("--native", action="store_true", help="also time activation_patch with the built-in logit_diff")
     args = ap.parse_args()
-    with_tl = not args.no_torch and H.torch_available()
-    if not with_tl:
-        print("note: TransformerLens not available or --no-torch: timing jaxpatch and the naive loop only")
+    if not H.torch_available():
+        print("TransformerLens is not installed: nothing to compare against (pip install -e '.[test]').")
+        return
     if args.smoke:
-        plans = [("tiny", TINY, 2, 8, list(SWEEPS))]
-        args.runs = 1
+        name, cfg, batch, pos = "tiny", TINY, 2, 16
+        args.runs, args.tl_max, args.tl_sample, args.native = 1, 64, 16, True
+        args.settings, args.sweeps = ["pos3+9"], ["resid_pre", "heads_by_pos"]
     else:
-        plans = [("gpt2-small", GPT2_SMALL, 8, 16, ["resid_pre", "attn_head_out_all_pos", "mlp_out"]),
-                 ("small-4L", SMALL, 8, 16, list(SWEEPS))]
-        if args.only:
-            plans = [p for p in plans if p[0].startswith(args.only)]
-    rows, records = [], []
-    for name, cfg, batch, pos, sweeps in plans:
-        print(f"== {name}: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, d_mlp {cfg.d_mlp}, "
-              f"vocab {cfg.d_vocab}; batch {batch} x {pos} tokens", flush=True)
-        records += list(bench_model(name, cfg, batch, pos, sweeps, args.runs, args.tl_runs, with_tl, rows))
-    H.print_table(rows, ["model", "sweep", "patches", "impl", "compile s", "run s", "p10-p90", "patches/s", "speedup vs TL",
-                         "first-call speedup", "exec/min FLOPs", "GFLOP/s", "max |Δ| vs TL", "chunk"])
+        name, cfg, batch, pos = "gpt2-small", GPT2_SMALL, 8, 16
+    print(f"== {name}: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, d_mlp {cfg.d_mlp}, "
+          f"vocab {cfg.d_vocab}; batch {batch} x {pos} tokens", flush=True)
+    trio = H.build_trio(cfg, seed=0)
+    rows, records, ceilings = [], [], {}
+    for setting in args.settings:
+        bench_setting(name, setting, trio, cfg, batch, pos, args.sweeps, args.runs, args, rows, records, ceilings)
+    H.print_table(rows, ["setting", "sweep", "patches", "live", "TL s", "jaxpatch s", "p10-p90", "speed-up",
+                         "first-call speed-up", "compile s", "live-min GFLOP", "exec/min", "GFLOP/s", "ceiling GFLOP/s",
+                         "of ceiling", "chunk", "max |Δ| vs TL"])
+    print("TL s marked ~: timed on a seeded sample of the patches and scaled to the whole sweep (one forward each).")
     if not args.smoke:
-        path = H.record("bench_sweep", {"results": records})
+        path = H.record("bench_sweep", {"results": records, "ceilings_gflops": {str(k): v for k, v in ceilings.items()}})
         print(f"recorded in {path}")
 
 
