@@ -476,18 +476,18 @@ def run_blocks_from(config: ModelConfig, blocks: Params, x, start, run_ctx, ivs:
 
     if read is None:
         return jax.lax.fori_loop(start, L, body, x)
-    x = jax.lax.fori_loop(start, L - 1, body, x)
+    # The loop runs the last block too when it must run whole (one compiled block body serves
+    # both); otherwise the last block computes only the read rows.
+    x = jax.lax.fori_loop(start, jnp.where(full_last, L, L - 1), body, x)
     last = jnp.asarray(L - 1, jnp.int32)
-
-    def whole(x):  # the last block with its edits, then the read rows
-        return _rows(body(last, x), read)
 
     def rows_only(x):  # no edit applies in the last layer: its unread rows feed nothing
         p, ctx, kv = layer_args(last)
         return block(config, p, x, SiteHandler(NONE, frozenset(), last, pos_offset), ctx, kv, read=read)
 
-    # A chunk that starts past the last layer (padding) runs none: its read rows are its input's.
-    return jax.lax.cond(start >= L, lambda x: _rows(x, read), lambda x: jax.lax.cond(full_last, whole, rows_only, x), x)
+    # Done already: the last block ran whole, or the chunk starts past the last layer (padding).
+    done = full_last | (start >= L)
+    return jax.lax.cond(done, lambda x: _rows(x, read), rows_only, x)
 
 
 def logits_at(config: ModelConfig, params: Params, x, ivs: Interventions = NONE, pos_offset: int = 0):
