@@ -221,7 +221,9 @@ def bench_setting(name, setting, trio, config, batch, pos, sweeps, runs, args, r
                          "GFLOP/s": f"{nrate:.0f}", "of ceiling": f"{nrate / ceil:.0%}", "max |Δ| vs TL": f"{nerr:.1e}"})
             rec.update(native_s=nwarm["median"], native_first_s=nfirst, native_executed_flops=nexec, native_live_min_flops=nmin)
         records.append(rec)
-        print(f"  {setting} {sweep}: TL {tl_cell} s, jaxpatch {warm['median']:.3f} s, {tl_s / warm['median']:.1f}x", flush=True)
+        print(f"  {setting} {sweep}: TL {tl_cell} s, jaxpatch {warm['median']:.3f} s ({tl_s / warm['median']:.1f}x; first call "
+              f"{tl_s / first_s:.1f}x), live {len(live)}/{P}, exec/min {executed / max(minimum, 1):.2f}, {rate:.0f} of "
+              f"{ceil:.0f} GFLOP/s", flush=True)
 
 
 def main():
