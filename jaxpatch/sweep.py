@@ -34,7 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from . import metrics as _metrics
-from ._errors import InputError, NonFiniteError
+from ._errors import InputError, JaxpatchError, NonFiniteError
 from .config import ModelConfig
 from .interventions import ALL, NONE, Edit, Interventions
 from . import models
@@ -570,13 +570,11 @@ def _core(config, params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_b
         # a group's rows are unembedded together (one large matmul, not g small ones).
         fn = _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_stacked, offsets, metric, n_pos)
         n_chunks, chunk = chunk_start.shape[0], jax.tree.leaves(idx)[0].shape[1]
-        g = group  # the plan makes every dispatch a multiple of g chunks, so groups never depend on it
-        pad = -n_chunks % g  # (else) padding chunks start at n_layers: they run no layer, their values are dropped
-        ext = lambda a, fill=None: jnp.concatenate(  # noqa: E731
-            [a, jnp.repeat(a[-1:], pad, 0) if fill is None else jnp.full((pad,) + a.shape[1:], fill, a.dtype)]) if pad else a
+        g = group  # the plan makes every dispatch (and every device's share) whole groups of g chunks
+        if n_chunks % g:
+            raise JaxpatchError(f"internal: {n_chunks} chunks are not whole unembedding groups of {g}.")
         grouped = lambda a: a.reshape((-1, g) + a.shape[1:])  # noqa: E731
-        args = (jax.tree.map(lambda a: grouped(ext(a)), idx), grouped(ext(chunk_start, config.n_layers)),
-                grouped(ext(chunk_bucket, 0)))
+        args = (jax.tree.map(grouped, idx), grouped(chunk_start), grouped(chunk_bucket))
 
         def one_group(args):
             def compute(args):
@@ -589,7 +587,7 @@ def _core(config, params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_b
             return jax.lax.cond(jnp.all(args[1] >= config.n_layers), padding, compute, args)  # dropped: not run
 
         vals, finite = jax.lax.map(one_group, args)
-        flat = lambda a: a.reshape((-1,) + a.shape[2:])[:n_chunks]  # noqa: E731
+        flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731
         return flat(vals), flat(finite)
 
     if mesh is None:
