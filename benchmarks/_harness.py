@@ -153,6 +153,14 @@ def record(name: str, payload: dict) -> Path:
     return path
 
 
+#: GPT-2-small's shape (124M parameters), random weights: the benchmarks' headline model.
+GPT2_SMALL = jaxpatch.ModelConfig(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=1024)
+#: a 4-layer model for quick non-smoke comparisons
+SMALL = jaxpatch.ModelConfig(n_layers=4, d_model=256, n_heads=8, d_head=32, d_mlp=1024, d_vocab=5000, n_ctx=128)
+#: the smoke-mode model
+TINY = jaxpatch.ModelConfig(n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=256, d_vocab=257, n_ctx=32)
+
+
 def forward_flops(config: jaxpatch.ModelConfig, batch: int, pos: int) -> int:
     """Matmul FLOPs of one forward pass over ``[batch, pos]`` tokens (2 per multiply-add).
 

@@ -25,9 +25,10 @@ import numpy as np  # noqa: E402
 
 import jaxpatch  # noqa: E402
 from benchmarks import _harness as H  # noqa: E402
-from benchmarks.bench_sweep import GPT2_SMALL, SMALL, TINY  # noqa: E402
 from jaxpatch import compare as cmp  # noqa: E402
 from jaxpatch import edges  # noqa: E402
+
+GPT2_SMALL, SMALL, TINY = H.GPT2_SMALL, H.SMALL, H.TINY
 
 TARGETS = [("z", ("layer", "head"), "heads, all pos"), ("z", ("layer", "pos", "head"), "heads by pos"),
            ("resid_pre", ("layer", "pos"), "resid_pre")]

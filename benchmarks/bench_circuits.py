@@ -54,8 +54,7 @@ from jaxpatch.circuits import _engine
 
 _pp = __import__("importlib").import_module("jaxpatch.circuits.path_patch")  # the module (the package exports the function)
 
-GPT2_SMALL = jaxpatch.ModelConfig(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=1024)
-TINY = jaxpatch.ModelConfig(n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=256, d_vocab=257, n_ctx=32)
+GPT2_SMALL, TINY = H.GPT2_SMALL, H.TINY
 
 
 def _data(config, batch, pos, seed=0):

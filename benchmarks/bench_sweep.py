@@ -44,8 +44,7 @@ from benchmarks import _harness as H  # noqa: E402
 from jaxpatch import sweep as sw  # noqa: E402
 from jaxpatch.compat import transformer_lens as jp_tl  # noqa: E402
 
-GPT2_SMALL = jaxpatch.ModelConfig(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=1024)
-TINY = jaxpatch.ModelConfig(n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=256, d_vocab=257, n_ctx=32)
+GPT2_SMALL, TINY = H.GPT2_SMALL, H.TINY
 
 # name -> (TransformerLens / compat function, site, grid axes, native short site)
 SWEEPS = {
