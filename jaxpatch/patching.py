@@ -229,7 +229,8 @@ def activation_patch(
             first position where the clean and corrupted (or noised) prompts differ (no-ops:
             identical activations there), after the last answer position, or at positions the
             metric does not read in the last layer after its key/value read (dead) get the
-            unpatched run's metric without a forward (exact; ``info["skipped_noop"]``,
+            unpatched run's metric without a forward of their own (one of them, the cheapest,
+            runs to supply it; exact; ``info["skipped_noop"]``,
             ``info["skipped_dead"]``). ``False`` runs every patch.
 
     Returns:

@@ -385,6 +385,15 @@ def skippable(sweep: Sweep, n_layers: int, n_pos: int, read_positions, same_befo
 # The compiled core.
 
 
+def _cheapest(sweep: Sweep, ids, n_layers: int, n_pos: int, same_before: int = 0) -> int:
+    """The patch among ``ids`` whose run recomputes the fewest block rows (latest layer, then
+    latest first position)."""
+    layer = np.asarray(sweep.index["layer"])
+    layer = layer.min(axis=1) if layer.ndim == 2 else layer
+    rows = (n_layers - layer[ids]) * (n_pos - np.minimum(_first_pos(sweep, same_before)[ids], n_pos - 1))
+    return int(ids[np.argmin(rows)])
+
+
 @dataclasses.dataclass(frozen=True)
 class CustomMetric:
     """A user metric of full logits ``[B, T, V] -> scalar`` (TransformerLens style), traced so that
@@ -412,15 +421,6 @@ def _metric_of(config, params, x, s: int, metric, ctx, n_pos: int):
     rows = jnp.take_along_axis(x, (ctx["answer_pos"] - s)[:, None, None], axis=1)  # [B, 1, D]
     logits = models.logits_at(config, params, rows)[:, 0]
     return _metrics.compute_ctx(metric, logits, ctx), jnp.all(jnp.isfinite(logits))
-
-
-@partial(jax.jit, static_argnames=("config", "metric", "n_pos"))
-def _unpatched(config, params, run_ivs, cache, ctx, *, metric, n_pos):
-    """The unpatched run's metric (what every skipped patch returns): its last block rerun from
-    the cached residual stream, as a patched chunk would run it."""
-    last = config.n_layers - 1
-    x = models.run_blocks_from(config, params["blocks"], cache["resid"][last], last, cache["ctx"], run_ivs)
-    return _metric_of(config, params, x, 0, metric, ctx, n_pos)
 
 
 #: Residual rows unembedded per batched matmul: chunks are grouped until their read rows reach
@@ -703,8 +703,13 @@ def run(
     if not skip:
         same_before = 0
     full_sweep, live = sweep, np.flatnonzero(~(noop | dead))
-    if live.size < sweep.size:  # run the live patches only (the skipped ones return the unpatched metric)
-        sweep = Sweep(sweep.site, {a: np.asarray(v)[live] for a, v in sweep.index.items()}, ("patch",), (int(live.size),))
+    ran, rep = live, None
+    if live.size < sweep.size:
+        # Run the live patches, plus one skipped patch (the cheapest): every skipped patch returns
+        # its value, the unpatched run's metric, computed by the same program as every patched run.
+        rep = _cheapest(sweep, np.flatnonzero(noop | dead), config.n_layers, n_pos, same_before)
+        ran = np.sort(np.append(live, rep))
+        sweep = Sweep(sweep.site, {a: np.asarray(v)[ran] for a, v in sweep.index.items()}, ("patch",), (int(ran.size),))
     if mesh == "auto":
         mesh = default_mesh()
     if mesh is not None:
@@ -722,11 +727,6 @@ def run(
         max_offset = metric.first_pos
     else:
         max_offset = int(np.min(np.asarray(ctx["answer_pos"])))
-    if live.size == 0:  # every patch is skipped: no patched run at all
-        last_plan = None
-        return _with_skipped(config, params, run_ivs, run_cache, ctx, metric, n_pos, full_sweep, live, None,
-                             Plan(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32), (0,), 1, 0,
-                                  int(noop.sum()), int(dead.sum()), same_before, live))
     if position_buckets == "auto":
         position_buckets = auto_buckets(config, sweep, B, n_pos, max_offset, same_before)
     if not isinstance(position_buckets, int) or position_buckets < 1:
@@ -736,7 +736,6 @@ def run(
     from . import multihost as _multihost
 
     multi = _multihost.spans_processes(mesh)
-    unpatched_inputs = (config, params, run_ivs, run_cache, ctx, metric, n_pos)  # this process's own arrays
     if multi:  # every process holds the same inputs (checked): global arrays over every device
         from .resume import fingerprint
 
@@ -770,7 +769,7 @@ def run(
         if checkpoint is not None:
             checkpoint.writer = jax.process_index() == 0
             checkpoint.describe.update(chunk_size=pl.chunk, position_buckets=position_buckets)
-            checkpoint.open({"plan": _resume.fingerprint(live, pl.order[: sweep.size], pl.chunk, pl.chunk_start[:n_real],
+            checkpoint.open({"plan": _resume.fingerprint(ran, pl.order[: sweep.size], pl.chunk, pl.chunk_start[:n_real],
                                                          pl.chunk_bucket[:n_real], pl.offsets),
                              "inputs": _resume.fingerprint(dict(run_cache), source, source_stacked, dict(ctx), run_ivs, metric, n_pos),
                              "software": _resume.software()})
@@ -793,11 +792,16 @@ def run(
     # One [P] bool transfer after the whole sweep (never per patch): a NaN/inf in a patched run
     # is reported with the patch that produced it instead of flowing into tables and plots.
     ok = np.asarray(finite.reshape(-1)[inv] & jnp.all(jnp.isfinite(vals), axis=tuple(range(1, vals.ndim))))
-    if not ok.all():
-        raise_nonfinite(full_sweep, live[np.flatnonzero(~ok)])
-    if live.size < full_sweep.size:
-        return _with_skipped(*unpatched_inputs, full_sweep, live, vals, pl)
-    return vals, pl
+    at = None if rep is None else int(np.searchsorted(ran, rep))
+    bad = np.flatnonzero(~ok)
+    if (bad != at).any():
+        raise_nonfinite(full_sweep, ran[bad[bad != at]])
+    if rep is None:
+        return vals, pl
+    if not ok[at]:
+        raise_nonfinite(full_sweep, np.flatnonzero(noop | dead), unpatched=True)
+    out = jnp.broadcast_to(vals[at], (full_sweep.size,) + vals.shape[1:])
+    return out.at[jnp.asarray(ran)].set(vals), pl
 
 
 def _unembed_group(metric, batch: int, n_pos: int, chunk: int, mesh, n_patches: int) -> int:
@@ -817,18 +821,6 @@ def _unembed_group(metric, batch: int, n_pos: int, chunk: int, mesh, n_patches: 
 def _edits_layers(ivs: Interventions) -> bool:
     """Whether interventions edit any per-layer site (then every chunk runs its last layer whole)."""
     return any(SITES[site].per_layer if site in SITES else True for site in ivs.sites())
-
-
-def _with_skipped(config, params, run_ivs, run_cache, ctx, metric, n_pos, sweep, live, vals, pl):
-    """The whole sweep's values: the live patches' ``vals``, the unpatched metric elsewhere."""
-    base, finite = _unpatched(config, params, run_ivs, dict(run_cache), dict(ctx), metric=metric, n_pos=n_pos)
-    if not bool(finite & jnp.all(jnp.isfinite(base))):
-        skipped = np.setdiff1d(np.arange(sweep.size), live)
-        raise_nonfinite(sweep, skipped, unpatched=True)
-    out = jnp.broadcast_to(base.astype(vals.dtype if vals is not None else base.dtype), (sweep.size,) + base.shape)
-    if vals is not None:
-        out = out.at[jnp.asarray(live)].set(vals)
-    return out, pl
 
 
 def _planned_chunk(config, params, sweep, run_cache, source, source_stacked, metric, ctx, n_pos, run_ivs, mesh, n_dev,

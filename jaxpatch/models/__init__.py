@@ -16,6 +16,9 @@ format. Code outside this package uses only the names below, never a family.
 
 from __future__ import annotations
 
+from functools import partial
+
+import jax
 import jax.numpy as jnp
 
 from .transformer import (  # noqa: F401
@@ -48,7 +51,18 @@ def head_rms(x, w, eps):
 
 
 def init_params(config, key, dtype=jnp.float32):
-    """Random parameters for ``config`` (GPT-2 keeps its original draw, so seeds reproduce)."""
+    """Random parameters for ``config`` (GPT-2 keeps its original draw, so seeds reproduce).
+
+    One compiled program per (config, dtype): drawn eagerly, every weight shape compiled its own
+    sampler (a third of a second each, before any patching ran). The weight matrices are the
+    eager draws bit for bit; norm weights (``1 + 0.1 · normal``) may differ in the last bit (the
+    compiled program fuses the multiply-add). The training scripts draw eagerly
+    (``gpt2.init_params``), so shipped models retrain bitwise."""
+    return _init_jit(config, key, jnp.dtype(dtype))
+
+
+@partial(jax.jit, static_argnums=(0, 2))
+def _init_jit(config, key, dtype):
     from . import gpt2, transformer
 
     if config.architecture == "gpt2" and config.positional == "learned" and config.norm == "layernorm" \

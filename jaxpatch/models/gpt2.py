@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from ..config import ModelConfig
+from .transformer import _draw
 
 Params = dict[str, Any]
 
@@ -32,10 +33,10 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, init_ran
     keys = iter(jax.random.split(key, 32))
 
     def normal(shape, std=init_range):
-        return (std * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+        return (std * _draw(next(keys), shape)).astype(dtype)
 
     def near_one(shape):
-        return (1.0 + 0.1 * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+        return (1.0 + 0.1 * _draw(next(keys), shape)).astype(dtype)
 
     return {
         "W_E": normal((V, D)),

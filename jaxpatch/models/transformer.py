@@ -513,6 +513,13 @@ def logits_columns(config: ModelConfig, params: Params, x, columns):
     return _softcap(logits, config.final_softcap)
 
 
+def _draw(key, shape):
+    """Standard normal float32 draws, fenced off from the arithmetic that scales them: inside a
+    compiled init (see :func:`jaxpatch.models.init_params`) XLA would otherwise fold the scale
+    into the sampler and change the last bit of the weights that seeds have always drawn."""
+    return jax.lax.optimization_barrier(jax.random.normal(key, shape, jnp.float32))
+
+
 def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, init_range: float = 0.02) -> Params:
     """Random parameters of the layout in the module docstring.
 
@@ -523,10 +530,10 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, init_ran
     keys = iter(jax.random.split(key, 48))
 
     def normal(shape, std=init_range):
-        return (std * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+        return (std * _draw(next(keys), shape)).astype(dtype)
 
     def near_one(shape):
-        return (1.0 + 0.1 * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+        return (1.0 + 0.1 * _draw(next(keys), shape)).astype(dtype)
 
     ln = c.norm == "layernorm"
     blocks = {"ln1_w": near_one((L, D)), "W_Q": normal((L, N, D, H)), "W_K": normal((L, K, D, H)),
