@@ -9,6 +9,8 @@ layer, the other inert, MLPs zeroed, norms made linear by a huge epsilon, no fin
 QK fix is exact, so ``atp+qk`` equals the exact sweep :func:`jaxpatch.activation_patch`.
 """
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,8 +57,12 @@ def learned_qknorm_cfg(**kw):
 CFGS = {"llama": llama_cfg, "gemma2": gemma2_cfg, "qwen3": qwen3_cfg, "learned_qknorm": learned_qknorm_cfg}
 
 
-def model_of(cfg, seed=0, scale=4.0):
-    m = jaxpatch.HookedModel.from_config(cfg, seed=seed)
+def model_of(cfg, seed=0, scale=4.0, init_cfg=None):
+    """Random weights (times ``scale``) for ``cfg``, drawn by ``init_cfg``'s init program when given:
+    a config that differs from ``cfg`` only in options the weights do not depend on (``eps``,
+    ``final_softcap``) draws the same weights and reuses a compiled init (one per config)."""
+    m = jaxpatch.HookedModel.from_config(init_cfg or cfg, seed=seed)
+    m = jaxpatch.HookedModel(cfg, m.params)
     m.params = jax.tree_util.tree_map(lambda a: a * scale if a.ndim >= 2 else a, m.params)
     return m
 
@@ -93,60 +99,97 @@ def est_of(r):
 # (1) The defining property, against a forward pass per patch
 
 
-def slow_twin(m, clean, corrupt, ans, wrong, mask, site, by):
-    """``Σ (pattern_patched - pattern_run) · ∂m/∂pattern`` at the patched layer, per patch
-    ``[*grid, B]``, each patch of ``hook_{site}`` (by ``by``) applied in a full forward pass."""
-    cfg, params = m.config, m.params
-    name = f"blocks.attn.hook_{site}"
-    am = None if mask is None else jnp.asarray(mask)
-    run, src = jnp.asarray(corrupt), jnp.asarray(clean)
+@partial(jax.jit, static_argnames=("cfg",))
+def _twin_patterns(cfg, params, run, src, ans, wrong, am, sels):
+    """The slow twin's model runs, in one program: the run's pattern ``p_run`` and ``∂m/∂pattern``
+    ``g`` (``[L, B, heads, T, T]``), and for each site's patches ``sels[site]`` (``[P, L, B, T,
+    heads, 1]``: entries of ``hook_{site}`` taken from the source) the pattern of a full forward
+    pass with that one patch applied (``[P, L, B, heads, T, T]``; one forward per patch, vmapped)."""
     rows = jnp.arange(run.shape[0])
 
     def metric(logits):  # logit difference at the last position (a real token in every prompt)
-        return logits[rows, -1, jnp.asarray(ans)] - logits[rows, -1, jnp.asarray(wrong)]
+        return logits[rows, -1, ans] - logits[rows, -1, wrong]
 
     def with_pattern_delta(d):
         ivs = Interventions({"blocks.attn.hook_pattern": (Edit(delta=d, stacked=True),)})
         logits, caps = models.forward(cfg, params, run, ivs, frozenset({"blocks.attn.hook_pattern"}), am)
         return jnp.sum(metric(logits)), caps["blocks.attn.hook_pattern"]
 
-    _, caps_src = models.forward(cfg, params, src, None, frozenset({name}), am)
-    src_act = caps_src[name]
+    names = {site: f"blocks.attn.hook_{site}" for site in sels}
+    _, caps_src = models.forward(cfg, params, src, None, frozenset(names.values()), am)
     _, p_run = with_pattern_delta(jnp.zeros((cfg.n_layers, run.shape[0], cfg.n_heads, T, T), params["W_E"].dtype))
     g = jax.grad(lambda d: with_pattern_delta(d)[0])(jnp.zeros_like(p_run))
 
-    @jax.jit
-    def patched_pattern(sel):  # sel [L, B, T, heads, 1]: entries of hook_{site} taken from the source
-        ivs = Interventions({name: (Edit(mask=sel, value=src_act, stacked=True),)})
+    def patched_pattern(name, sel):
+        ivs = Interventions({name: (Edit(mask=sel, value=caps_src[name], stacked=True),)})
         return models.forward(cfg, params, run, ivs, frozenset({"blocks.attn.hook_pattern"}), am)[1]["blocks.attn.hook_pattern"]
 
-    heads = src_act.shape[3]
-    sizes = {"layer": cfg.n_layers, "pos": T, "head": heads}
-    out = np.zeros(tuple(sizes[a] for a in by) + (run.shape[0],))
-    for idx in np.ndindex(*out.shape[:-1]):
-        at = dict(zip(by, idx))
-        sel = np.zeros((cfg.n_layers, run.shape[0], T, heads, 1), bool)
-        sel[at["layer"], :, at.get("pos", slice(None)), at.get("head", slice(None))] = True
-        p_new = patched_pattern(jnp.asarray(sel))
-        layer = at["layer"]
-        out[idx] = np.asarray(jnp.sum((p_new[layer] - p_run[layer]) * g[layer], axis=(1, 2, 3)))
+    patched = {site: jax.vmap(partial(patched_pattern, names[site]))(sel) for site, sel in sels.items()}
+    return p_run, g, patched
+
+
+def slow_twins(m, clean, corrupt, ans, wrong, mask, sites, bys):
+    """``Σ (pattern_patched - pattern_run) · ∂m/∂pattern`` at the patched layer, per patch
+    ``[*grid, B]``, for each ``(site, by)``: each patch of ``hook_{site}`` (by ``by``) applied in a
+    full forward pass of its own (all of them batched in one compiled program)."""
+    cfg = m.config
+    B = clean.shape[0]
+    am = None if mask is None else jnp.asarray(mask)
+    names = frozenset(f"blocks.attn.hook_{site}" for site in sites)
+    acts = jax.eval_shape(lambda: models.forward(cfg, m.params, jnp.asarray(clean), None, names, am))[1]
+    sizes = {site: {"layer": cfg.n_layers, "pos": T, "head": acts[f"blocks.attn.hook_{site}"].shape[3]} for site in sites}
+    patches, sels = {}, {}
+    for site in sites:
+        heads = sizes[site]["head"]
+        sel = []
+        for by in bys:
+            shape = tuple(sizes[site][a] for a in by)
+            for idx in np.ndindex(*shape):
+                at = dict(zip(by, idx))
+                one = np.zeros((cfg.n_layers, B, T, heads, 1), bool)
+                one[at["layer"], :, at.get("pos", slice(None)), at.get("head", slice(None))] = True
+                patches.setdefault((site, by), []).append((idx, at["layer"], len(sel)))
+                sel.append(one)
+        sels[site] = jnp.asarray(np.stack(sel))
+    p_run, g, patched = _twin_patterns(cfg, m.params, jnp.asarray(corrupt), jnp.asarray(clean), jnp.asarray(ans),
+                                       jnp.asarray(wrong), am, sels)
+    p_run, g = np.asarray(p_run), np.asarray(g)
+    out = {}
+    for (site, by), entries in patches.items():
+        p_new = np.asarray(patched[site])
+        o = np.zeros(tuple(sizes[site][a] for a in by) + (B,))
+        for idx, layer, k in entries:
+            o[idx] = np.sum((p_new[k, layer] - p_run[layer]) * g[layer], axis=(1, 2, 3))
+        out[(site, by)] = o
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3", "learned_qknorm", "llama_padded", "gemma2_padded"])
-@pytest.mark.parametrize("site", ["q", "k"])
-def test_qk_fix_is_the_exact_pattern_change_times_the_pattern_gradient(x64, family, site):
+BYS = [("layer", "head"), ("layer", "pos", "head")]
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma2", "qwen3", "learned_qknorm", "llama_padded", "gemma2_padded"])
+def qk_case(request):
+    """Per family: the model, the QK-fixed estimates of q and k by every ``BYS`` (one
+    attribution call) and their slow twins."""
+    family = request.param
     padded = family.endswith("_padded")
-    m = to64(model_of(CFGS[family.removesuffix("_padded")](), seed=1))
-    clean, corrupt, ans, wrong = prompts(d_vocab=m.config.d_vocab)
-    mask = left_padding() if padded else None
-    bys = [("layer", "head"), ("layer", "pos", "head")]
-    res = attribution_patch(m, clean, corrupt, targets=[(site, by) for by in bys], method="atp+qk", answer=ans,
-                            wrong=wrong, attention_mask=mask)
-    for by in bys:
-        got = est_of(res[(f"blocks.attn.hook_{site}", by)])
-        want = slow_twin(m, clean, corrupt, ans, wrong, mask, site, by)
-        heads = m.config.n_heads if site == "q" else m.config.n_kv_heads
+    with jax.enable_x64(True):
+        m = to64(model_of(CFGS[family.removesuffix("_padded")](), seed=1))
+        clean, corrupt, ans, wrong = prompts(d_vocab=m.config.d_vocab)
+        mask = left_padding() if padded else None
+        res = attribution_patch(m, clean, corrupt, targets=[(site, by) for site in "qk" for by in BYS], method="atp+qk",
+                                answer=ans, wrong=wrong, attention_mask=mask)
+        got = {(site, by): est_of(res[(f"blocks.attn.hook_{site}", by)]) for site in "qk" for by in BYS}
+        want = slow_twins(m, clean, corrupt, ans, wrong, mask, "qk", BYS)
+    return m.config, padded, got, want
+
+
+@pytest.mark.parametrize("site", ["q", "k"])
+def test_qk_fix_is_the_exact_pattern_change_times_the_pattern_gradient(qk_case, site):
+    cfg, padded, gots, wants = qk_case
+    for by in BYS:
+        got, want = gots[(site, by)], wants[(site, by)]
+        heads = cfg.n_heads if site == "q" else cfg.n_kv_heads
         assert got.shape == want.shape and want.shape[by.index("head")] == heads
         assert np.abs(want).max() > 1e-2  # the patches do something
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(want).max())  # measured ~2e-15
@@ -159,11 +202,11 @@ def test_qk_fix_is_the_exact_pattern_change_times_the_pattern_gradient(x64, fami
 # (2) Exact where the model is linear after the pattern
 
 
-def linear_after_pattern(cfg, active, seed=2):
+def linear_after_pattern(cfg, active, seed=2, init_cfg=None):
     """Only layer ``active`` writes to the residual stream (the other's W_O is zero), every MLP
     writes zero, and every norm is linear up to ~1e-11 (epsilon 1e12, weights times 1e6, so
     activations keep their size): the logit difference is linear in layer ``active``'s pattern."""
-    m = to64(model_of(cfg, seed=seed, scale=4.0))
+    m = to64(model_of(cfg, seed=seed, scale=4.0, init_cfg=init_cfg))
     b = m.params["blocks"]
     for k in ("ln1_w", "ln2_w", "ln1_post_w", "ln2_post_w", "q_norm_w", "k_norm_w"):
         if k in b:
@@ -181,14 +224,17 @@ def test_qk_fix_equals_exact_patching_when_linear_after_the_pattern(x64, family,
     kw = {"eps": 1e12}
     if family == "gemma2":
         kw["final_softcap"] = None
-    m = linear_after_pattern(CFGS[family](**kw), active)
+    m = linear_after_pattern(CFGS[family](**kw), active, init_cfg=CFGS[family]())  # same weights as drawn for CFGS[family](**kw)
     clean, corrupt, ans, wrong = prompts(d_vocab=m.config.d_vocab, seed=3)
     mask = left_padding() if padded else None
+    kw = dict(answer=ans, wrong=wrong, attention_mask=mask)
+    bys = (("layer", "head"), ("layer", "pos", "head"))
+    fixed_all = attribution_patch(m, clean, corrupt, targets=[(s, by) for s in ("q", "k") for by in bys],
+                                  method="atp+qk", **kw)  # one program for the four estimates
     for site in ("q", "k"):
-        for by in (("layer", "head"), ("layer", "pos", "head")):
-            kw = dict(site=site, by=by, answer=ans, wrong=wrong, attention_mask=mask)
-            exact = jaxpatch.activation_patch(m, clean, corrupt, mesh=None, **kw)
-            fixed = attribution_patch(m, clean, corrupt, method="atp+qk", **kw)
+        for by in bys:
+            exact = jaxpatch.activation_patch(m, clean, corrupt, mesh=None, site=site, by=by, **kw)
+            fixed = fixed_all[(f"blocks.attn.hook_{site}", by)]
             base = exact.baselines()["corrupt"]
             e, f = exact.values() - base, fixed.values() - base
             assert np.abs(e).max() > 1e-2
