@@ -14,7 +14,10 @@ def scaled_model(seed=0, scale=5.0, **cfg_kw):
     kw = dict(n_layers=3, d_model=32, n_heads=4, d_vocab=61, n_ctx=16)
     kw.update(cfg_kw)
     cfg = jaxpatch.ModelConfig.gpt2(**kw)
-    m = jaxpatch.HookedModel.from_config(cfg, seed=seed)
+    # Weights do not depend on eps: draw them with the eps-free config (the same weights; one
+    # compiled init program per config, shared with the other tests of these sizes).
+    init_cfg = jaxpatch.ModelConfig.gpt2(**{k: v for k, v in kw.items() if k != "eps"})
+    m = jaxpatch.HookedModel(cfg, jaxpatch.HookedModel.from_config(init_cfg, seed=seed).params)
     m.params = jax.tree_util.tree_map(lambda a: a * scale if a.ndim >= 2 else a, m.params)
     return m
 
@@ -43,39 +46,91 @@ def to64(model):
     return jaxpatch.HookedModel(model.config, jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), model.params))
 
 
+LINEAR_SITES = [("z", ("layer", "head")), ("mlp_out", ("layer", "pos")), ("post", ("layer", "neuron")),
+                ("resid_post", ("layer", "pos"))]
+
+
+def linear_model(site):
+    m = linear_layer_norms(to64(scaled_model(eps=1e12, scale=5.0)))
+    if site in ("z",):
+        m.params["blocks"]["W_out"] = m.params["blocks"]["W_out"].at[-1].set(0.0)
+    return m
+
+
+@pytest.fixture(scope="module")
+def linear_estimates():
+    """``(site, direction) -> `` the AtP estimate on :func:`linear_model` (site): one attribution
+    call per model and direction for all the sites that share the model (one compiled program)."""
+    cache = {}
+
+    def get(site, direction):
+        if (site, direction) not in cache:
+            group = [(s, by) for s, by in LINEAR_SITES if (s == "z") == (site == "z")]
+            clean, corrupt, ans, wrong = prompts()
+            with jax.enable_x64(True):
+                res = attribution_patch(linear_model(site), clean, corrupt, targets=group, direction=direction,
+                                        answer=ans, wrong=wrong)
+            for (s, _), r in zip(group, res.values()):
+                cache[(s, direction)] = r
+        return cache[(site, direction)]
+
+    return get
+
+
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
-@pytest.mark.parametrize("site,by", [("z", ("layer", "head")), ("mlp_out", ("layer", "pos")), ("post", ("layer", "neuron")),
-                                     ("resid_post", ("layer", "pos"))])
-def test_atp_is_exact_where_the_model_is_linear_in_the_site(x64, direction, site, by):
+@pytest.mark.parametrize("site,by", LINEAR_SITES)
+def test_atp_is_exact_where_the_model_is_linear_in_the_site(x64, linear_estimates, direction, site, by):
     # A huge layer-norm epsilon makes every layer norm linear (centring times a constant), the
     # last block's MLP output weight is zeroed, and the metric (logit difference) is linear in the
     # logits: everything after the last block's heads is linear, so first-order attribution must
     # equal exact patching there.
-    m = linear_layer_norms(to64(scaled_model(eps=1e12, scale=5.0)))
-    if site in ("z",):
-        m.params["blocks"]["W_out"] = m.params["blocks"]["W_out"].at[-1].set(0.0)
+    m = linear_model(site)
     clean, corrupt, ans, wrong = prompts()
     kw = dict(site=site, by=by, direction=direction, answer=ans, wrong=wrong)
     exact = jaxpatch.activation_patch(m, clean, corrupt, mesh=None, **kw)
-    est = attribution_patch(m, clean, corrupt, **kw)
+    est = linear_estimates(site, direction)
+    assert est.site == exact.site and est.axes == by
     last = m.config.n_layers - 1
     np.testing.assert_allclose(est.values()[last], exact.values()[last], rtol=1e-8, atol=1e-10)
     effect = exact.values()[last] - exact.values()[0].mean() * 0 - (exact.baselines()["corrupt" if direction == "denoise" else "clean"])
     assert np.abs(effect).max() > 1e-3  # the patches do something
 
 
-@pytest.mark.parametrize("direction", ["denoise", "noise"])
-@pytest.mark.parametrize("site,by,component", [
+FD_CASES = [
     ("resid_pre", ("layer", "pos"), {"layer": 1, "pos": 2}),
     ("z", ("layer", "pos", "head"), {"layer": 2, "pos": 7, "head": 1}),
     ("v", ("layer", "head"), {"layer": 0, "head": 3}),
     ("pattern", ("layer", "head", "dest_pos"), {"layer": 1, "head": 2, "dest_pos": 6}),
     ("post", ("layer", "neuron"), {"layer": 2, "neuron": 7}),
-])
-def test_atp_equals_finite_differences(x64, direction, site, by, component):
+]
+
+
+@pytest.fixture(scope="module")
+def fd_estimates():
+    """``direction -> [AtP estimate per FD_CASES entry]``: one attribution call (one compiled
+    program) per direction for every case's target."""
+    cache = {}
+
+    def get(direction):
+        if direction not in cache:
+            clean, corrupt, ans, wrong = prompts()
+            with jax.enable_x64(True):
+                res = attribution_patch(to64(scaled_model()), clean, corrupt, targets=[(s, by) for s, by, _ in FD_CASES],
+                                        direction=direction, answer=ans, wrong=wrong)
+            cache[direction] = list(res.values())
+        return cache[direction]
+
+    return get
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+@pytest.mark.parametrize("case", range(len(FD_CASES)), ids=[c[0] for c in FD_CASES])
+def test_atp_equals_finite_differences(x64, fd_estimates, direction, case):
+    site, by, component = FD_CASES[case]
     m = to64(scaled_model())
     clean, corrupt, ans, wrong = prompts()
-    est = attribution_patch(m, clean, corrupt, site=site, by=by, direction=direction, answer=ans, wrong=wrong)
+    est = fd_estimates(direction)[case]
+    assert est.axes == by
     c = est.site
     run, src = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
     _, rc = m.run(run, capture={c})
@@ -110,6 +165,17 @@ def saturated_model():
     return m
 
 
+#: Every q/k target of the two saturated-attention tests: their atp+qk estimates come from one call
+#: each, with this same target list (same shapes), so they share one compiled program.
+QK_TARGETS = [("k", ("layer", "pos", "head")), ("k", ("layer", "head")), ("q", ("layer", "head")), ("q", ("layer", "pos", "head"))]
+
+
+def qk_fixed(m, clean, corrupt, ans, wrong):
+    """``(site, by) -> `` the atp+qk estimate, for every ``QK_TARGETS`` entry."""
+    res = attribution_patch(m, clean, corrupt, targets=QK_TARGETS, method="atp+qk", answer=ans, wrong=wrong)
+    return dict(zip(QK_TARGETS, res.values()))
+
+
 def test_qk_fix_matches_exact_key_patch_at_saturated_attention(x64):
     m = saturated_model()
     clean, corrupt, ans, wrong = prompts(d_vocab=61, B=4, T=6, seed=5, positions=(1, 3))
@@ -118,7 +184,8 @@ def test_qk_fix_matches_exact_key_patch_at_saturated_attention(x64):
     kw = dict(site="k", by=("layer", "pos", "head"), answer=ans, wrong=wrong)
     exact = jaxpatch.activation_patch(m, clean, corrupt, mesh=None, **kw)
     plain = attribution_patch(m, clean, corrupt, method="atp", **kw)
-    fixed = attribution_patch(m, clean, corrupt, method="atp+qk", **kw)
+    fixes = qk_fixed(m, clean, corrupt, ans, wrong)
+    fixed = fixes[("k", ("layer", "pos", "head"))]
     base = exact.baselines()["corrupt"]
     e, p, f = exact.values() - base, plain.values() - base, fixed.values() - base
     big = np.abs(e) > 0.1 * np.abs(e).max()
@@ -128,7 +195,7 @@ def test_qk_fix_matches_exact_key_patch_at_saturated_attention(x64):
     for by in (("layer", "head"),):  # all-position keys and queries are fixed too
         for site in ("k", "q"):
             ex = jaxpatch.activation_patch(m, clean, corrupt, site=site, by=by, answer=ans, wrong=wrong, mesh=None)
-            fx = attribution_patch(m, clean, corrupt, site=site, by=by, method="atp+qk", answer=ans, wrong=wrong)
+            fx = fixes[(site, by)]
             np.testing.assert_allclose(fx.values(), ex.values(), rtol=1e-6, atol=1e-8 * np.abs(ex.values()).max())
 
 
@@ -137,7 +204,7 @@ def test_qk_fix_query_by_position_is_exact_after_softmax(x64):
     clean, corrupt, ans, wrong = prompts(d_vocab=61, B=4, T=6, seed=6, positions=(2, 4))
     kw = dict(site="q", by=("layer", "pos", "head"), answer=ans, wrong=wrong)
     exact = jaxpatch.activation_patch(m, clean, corrupt, mesh=None, **kw)
-    fixed = attribution_patch(m, clean, corrupt, method="atp+qk", **kw)
+    fixed = qk_fixed(m, clean, corrupt, ans, wrong)[("q", ("layer", "pos", "head"))]
     np.testing.assert_allclose(fixed.values(), exact.values(), rtol=1e-6, atol=1e-8 * np.abs(exact.values()).max())
 
 
@@ -175,15 +242,17 @@ def test_graddrop_equals_loop_of_stopped_gradients():
     _, run = m.run(corrupt, capture={"blocks.attn.hook_z"})
     diff = src["blocks.attn.hook_z"] - run["blocks.attn.hook_z"]
     total = 0.0
-    for drop in range(L):
-        def f(delta):
-            iv = m.add("blocks.attn.hook_z", delta, stacked=True)
-            for s in ("blocks.hook_attn_out", "blocks.hook_mlp_out"):
-                iv = iv + jaxpatch.Interventions({s: (jaxpatch.Edit(layers=jnp.asarray(drop), value=None, grad_scale=jnp.zeros(())),)})
-            lg = gpt2.forward(cfg, m.params, jnp.asarray(corrupt), iv)[0][:, -1]
-            return jnp.sum(lg[b, ans] - lg[b, wrong])
 
-        g = jax.grad(f)(jnp.zeros_like(diff))
+    def f(delta, drop):
+        iv = m.add("blocks.attn.hook_z", delta, stacked=True)
+        for s in ("blocks.hook_attn_out", "blocks.hook_mlp_out"):
+            iv = iv + jaxpatch.Interventions({s: (jaxpatch.Edit(layers=drop, value=None, grad_scale=jnp.zeros(())),)})
+        lg = gpt2.forward(cfg, m.params, jnp.asarray(corrupt), iv)[0][:, -1]
+        return jnp.sum(lg[b, ans] - lg[b, wrong])
+
+    grad = jax.jit(jax.grad(f))  # one program; the dropped layer is an input
+    for drop in range(L):
+        g = grad(jnp.zeros_like(diff), jnp.asarray(drop))
         total = total + np.abs(np.einsum("lbtnh->lnb", np.asarray(g * diff)))
     expected = total / (L - 1)
     got = star.per_prompt[:, :, 0, :] - star.corrupt[0]
