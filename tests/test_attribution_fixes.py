@@ -118,14 +118,24 @@ def test_reference_forward_is_the_model(x64):
     np.testing.assert_allclose(ref_forward(m.config, m.params, jnp.asarray(clean), zeros), m(clean), rtol=1e-12, atol=1e-12)
 
 
+@pytest.fixture(scope="module")
+def graddrop_reference():
+    """The float64 reference of both dtypes' cases (the same model and prompts): computed once."""
+    m32 = scaled_model(scale=2.0)
+    clean, corrupt, ans, wrong = prompts()
+    want, per = ref_graddrop(m32, clean, corrupt, ans, wrong, _REF_SITES)
+    plain = ref_atp_minus_l(m32, clean, corrupt, ans, wrong, ("z",))["z"]
+    return want, per, plain
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_graddrop_equals_loop_of_stop_gradient_reference(dtype):
+def test_graddrop_equals_loop_of_stop_gradient_reference(graddrop_reference, dtype):
     """atp* == Σ_l |AtP_{-l}| / (L - 1) (L for residual sites), AtP_{-l} from an independent forward
     with stop_gradient on layer l's attn_out and mlp_out, one jax.grad per l.
     Tolerances: float64 rtol 1e-9 of the largest score; float32 (vs the float64 reference) 2e-4."""
     m32 = scaled_model(scale=2.0)
     clean, corrupt, ans, wrong = prompts()
-    want, per = ref_graddrop(m32, clean, corrupt, ans, wrong, _REF_SITES)
+    want, per, plain = graddrop_reference
     targets = [(s, _GRID[s][0]) for s in _REF_SITES]
     kw = dict(targets=targets, method="atp*", answer=ans, wrong=wrong)
     if dtype == "float64":
@@ -140,7 +150,6 @@ def test_graddrop_equals_loop_of_stop_gradient_reference(dtype):
         assert np.abs(w).max() > 1e-3, s
         np.testing.assert_allclose(g, w, rtol=0, atol=tol * np.abs(w).max(), err_msg=s)
     # The drops do something: some AtP_{-l} differs from plain AtP (l != own layer).
-    plain = ref_atp_minus_l(m32, clean, corrupt, ans, wrong, ("z",))["z"]
     assert np.abs(per[2]["z"][0] - plain[0]).max() > 0.05 * np.abs(plain[0]).max()
 
 
@@ -173,34 +182,52 @@ def inert_last_layer(m):
     return m
 
 
-@pytest.mark.parametrize("site,by", [
+OWN_LAYER_CASES = [
     ("z", ("layer", "head")), ("mlp_out", ("layer", "pos")), ("post", ("layer", "neuron")),
     ("attn_out", ("layer", "pos")), ("v", ("layer", "pos", "head")), ("pattern", ("layer", "head", "dest_pos")),
     ("pre", ("layer", "neuron")), ("q", ("layer", "pos", "head")), ("k", ("layer", "head")),
-])
-def test_graddrop_own_layer_term_is_zero(x64, site, by):
+]
+RESID_SITES = ["resid_pre", "resid_mid", "resid_post"]
+
+
+@pytest.fixture(scope="module")
+def inert_estimates():
+    """``(method, site, by) -> `` estimate ``[*grid, B]`` on the inert-last-layer model, for every
+    case of the two tests below: one attribution call per method (atp* for every target; plain atp
+    for the non-q/k ones; atp+qk for q/k), so three compiled programs instead of one per case."""
+    clean, corrupt, ans, wrong = prompts()
+    every = OWN_LAYER_CASES + [(s, ("layer", "pos")) for s in RESID_SITES]
+    calls = {"atp*": every, "atp": [t for t in every if t[0] not in ("q", "k")],
+             "atp+qk": [t for t in every if t[0] in ("q", "k")]}
+    out = {}
+    with jax.enable_x64(True):
+        m = inert_last_layer(to64(scaled_model(scale=2.0)))
+        for method, targets in calls.items():
+            res = attribution_patch(m, clean, corrupt, targets=targets, method=method, answer=ans, wrong=wrong)
+            for (site, by), r in zip(targets, res.values()):
+                assert r.axes == tuple(by)
+                out[(method, site, tuple(by))] = est_of(r)
+    return out
+
+
+@pytest.mark.parametrize("site,by", OWN_LAYER_CASES)
+def test_graddrop_own_layer_term_is_zero(inert_estimates, site, by):
     """3 layers, the last one inert: for a layer-1 node, dropping layer 0 or layer 2 leaves its
     gradient unchanged, so AtP*_GD = (|AtP| + own + |AtP|) / 2 equals |AtP| iff its own layer's
     term is zero. (q/k: atp* uses the QK fix, compared with |atp+qk|.)"""
-    m = inert_last_layer(to64(scaled_model(scale=2.0)))
-    clean, corrupt, ans, wrong = prompts()
-    kw = dict(site=site, by=by, answer=ans, wrong=wrong)
-    star = est_of(attribution_patch(m, clean, corrupt, method="atp*", **kw))
-    ref = np.abs(est_of(attribution_patch(m, clean, corrupt, method="atp+qk" if site in ("q", "k") else "atp", **kw)))
+    star = inert_estimates[("atp*", site, by)]
+    ref = np.abs(inert_estimates[("atp+qk" if site in ("q", "k") else "atp", site, by)])
     assert ref[1].max() > 1e-4
     np.testing.assert_allclose(star[1], ref[1], rtol=1e-9, atol=1e-12 * ref[1].max())
     np.testing.assert_allclose(star[2], 0.0, atol=1e-12 * ref[1].max())  # the inert layer's nodes do nothing
 
 
-@pytest.mark.parametrize("site", ["resid_pre", "resid_mid", "resid_post"])
-def test_graddrop_residual_nodes_divide_by_n_layers(x64, site):
+@pytest.mark.parametrize("site", RESID_SITES)
+def test_graddrop_residual_nodes_divide_by_n_layers(inert_estimates, site):
     """Residual nodes have no zero term: in the last (inert) layer all 3 terms equal |AtP|, and
     GradDrop divides by L = 3, so it equals |AtP| there (as it does for components)."""
-    m = inert_last_layer(to64(scaled_model(scale=2.0)))
-    clean, corrupt, ans, wrong = prompts()
-    kw = dict(site=site, by=("layer", "pos"), answer=ans, wrong=wrong)
-    star = est_of(attribution_patch(m, clean, corrupt, method="atp*", **kw))
-    plain = np.abs(est_of(attribution_patch(m, clean, corrupt, method="atp", **kw)))
+    star = inert_estimates[("atp*", site, ("layer", "pos"))]
+    plain = np.abs(inert_estimates[("atp", site, ("layer", "pos"))])
     assert plain[2].max() > 1e-3
     np.testing.assert_allclose(star[2], plain[2], rtol=1e-9, atol=1e-12 * plain[2].max())
 
@@ -311,19 +338,42 @@ def test_qk_fix_supports_every_by(x64, site):
     np.testing.assert_allclose(star[("head", "pos", "layer")], np.transpose(star[("layer", "pos", "head")], (2, 1, 0, 3)), **tol)
 
 
+NO_HEAD_BYS = [("layer",), ("layer", "pos"), ("pos", "layer")]
+
+
+def saturated_case():
+    m = saturated_model()
+    return (m,) + prompts(d_vocab=61, B=4, T=6, seed=5, positions=(1, 3, 5))
+
+
+@pytest.fixture(scope="module")
+def saturated_estimates():
+    """``(method, site, by) -> `` atp+qk and plain atp results for every case below: one call per
+    method with every (site, by) as a target."""
+    targets = [(site, by) for site in ("q", "k") for by in NO_HEAD_BYS]
+    out = {}
+    with jax.enable_x64(True):
+        m, clean, corrupt, ans, wrong = saturated_case()
+        for method in ("atp+qk", "atp"):
+            res = attribution_patch(m, clean, corrupt, targets=targets, method=method, answer=ans, wrong=wrong)
+            for (site, by), r in zip(targets, res.values()):
+                assert r.axes == by
+                out[(method, site, by)] = r
+    return out
+
+
 @pytest.mark.parametrize("site", ["q", "k"])
-@pytest.mark.parametrize("by", [("layer",), ("layer", "pos"), ("pos", "layer")])
-def test_qk_fix_without_head_is_exact_at_saturated_attention(x64, site, by):
+@pytest.mark.parametrize("by", NO_HEAD_BYS)
+def test_qk_fix_without_head_is_exact_at_saturated_attention(x64, saturated_estimates, site, by):
     """One layer, nothing nonlinear after the pattern: patching q or k of all heads at once is the
     sum of per-head pattern changes, each exact under the QK fix, so atp+qk equals the exact sweep
     (to 1e-9 of the largest effect), where plain AtP misses it. The answer position is corrupted
     too, so patching queries matters."""
-    m = saturated_model()
-    clean, corrupt, ans, wrong = prompts(d_vocab=61, B=4, T=6, seed=5, positions=(1, 3, 5))
+    m, clean, corrupt, ans, wrong = saturated_case()
     kw = dict(site=site, by=by, answer=ans, wrong=wrong)
     exact = jaxpatch.activation_patch(m, clean, corrupt, mesh=None, **kw)
-    fixed = attribution_patch(m, clean, corrupt, method="atp+qk", **kw)
-    plain = attribution_patch(m, clean, corrupt, method="atp", **kw)
+    fixed = saturated_estimates[("atp+qk", site, by)]
+    plain = saturated_estimates[("atp", site, by)]
     base = exact.baselines()["corrupt"]
     e, f, p = exact.values() - base, fixed.values() - base, plain.values() - base
     assert np.abs(e).max() > 1e-3
