@@ -51,6 +51,7 @@ import numpy as np
 from . import metrics as _metrics
 from . import byo as _byo
 from . import multihost as _multihost
+from . import planner as _planner
 from ._errors import InputError
 from .interventions import NONE, Edit, Interventions
 from .model import HookedModel, check_attention_mask, check_tokens
@@ -87,8 +88,8 @@ def _metric_fn(metric):
     return names
 
 
-@partial(jax.jit, static_argnames=("config", "sites", "names", "drop"))
-def _run_and_grad(config, params, tokens, ctx, *, sites, names, drop):
+@partial(jax.jit, static_argnames=("config", "sites", "names", "drop", "remat"))
+def _run_and_grad(config, params, tokens, ctx, *, sites, names, drop, remat=False):
     """Metric per prompt, the run's activations at ``sites`` and ∂(Σ metric)/∂activation there.
 
     With ``drop`` the gradients get a leading ``[n_layers]`` axis: variant l zeroes the gradient at
@@ -103,7 +104,8 @@ def _run_and_grad(config, params, tokens, ctx, *, sites, names, drop):
         if gates is not None:
             for s in _GD_SITES:
                 edits[s] = edits.get(s, ()) + (Edit(grad_scale=jnp.reshape(gates, (L,) + (1,) * 3), stacked=True),)
-        logits, caps = models.forward(config, params, tokens, Interventions(edits), frozenset(sites), ctx.get("attention_mask"))
+        logits, caps = models.forward(config, params, tokens, Interventions(edits), frozenset(sites), ctx.get("attention_mask"),
+                                      remat=remat)
         rows = jnp.take_along_axis(logits, ctx["answer_pos"][:, None, None], axis=1)[:, 0]
         m = _metrics.compute_ctx(names, rows, ctx)[0]
         return jnp.sum(m), (m, caps)
@@ -262,8 +264,8 @@ def _qk_fix(config, site, axes, run, src, g_pattern, key_mask):
     return jnp.transpose(est, perm)
 
 
-@partial(jax.jit, static_argnames=("config", "sites", "names", "targets", "method", "denoise"))
-def _atp_core(config, params, run_tokens, src_tokens, ctx, *, sites, names, targets, method, denoise):
+@partial(jax.jit, static_argnames=("config", "sites", "names", "targets", "method", "denoise", "remat"))
+def _atp_core(config, params, run_tokens, src_tokens, ctx, *, sites, names, targets, method, denoise, remat=False):
     """Everything in one program: the source run (with captures), the run's forward and backward
     (GradDrop variants batched for ``atp*``), and every target's estimate ``[*grid, B]``."""
     rows = lambda lg: jnp.take_along_axis(lg, ctx["answer_pos"][:, None, None], axis=1)[:, 0]  # noqa: E731
@@ -276,7 +278,8 @@ def _atp_core(config, params, run_tokens, src_tokens, ctx, *, sites, names, targ
         clean_rows = rows(src_logits)  # unused by the metric
     ctx = {**ctx, "clean_logprobs": jax.nn.log_softmax(clean_rows.astype(jnp.promote_types(clean_rows.dtype, jnp.float32)), -1)}
     m_src = _metrics.compute_ctx(names, rows(src_logits), ctx)[0]
-    m_run, run_caps, grads = _run_and_grad(config, params, run_tokens, ctx, sites=sites, names=names, drop=method == "atp*")
+    m_run, run_caps, grads = _run_and_grad(config, params, run_tokens, ctx, sites=sites, names=names, drop=method == "atp*",
+                                           remat=remat)
     qk = method in ("atp*", "atp+qk")
     mask = ctx.get("attention_mask")
     key_mask = jnp.ones(run_tokens.shape, bool) if mask is None else mask.astype(bool)
@@ -320,6 +323,37 @@ def _target(site, by, model) -> Target:
     return Target(c, axes)
 
 
+def _plan_remat(remat, memory_budget, params, compile_with):
+    """``(remat, compiled program or None, info)`` for :func:`attribution_patch`'s ``remat=`` and
+    ``memory_budget=`` (see there): with a budget, each candidate (``False`` first, then
+    ``True``) is compiled and its ``memory_analysis()`` compared with the budget."""
+    if not (remat is True or remat is False or (isinstance(remat, str) and remat == "auto")):
+        raise InputError(f"remat must be 'auto', True or False; got {remat!r}.")
+    leaf = jax.tree_util.tree_leaves(params)[0]
+    devices = sorted(leaf.sharding.device_set, key=lambda d: d.id) if isinstance(leaf, jax.Array) else jax.devices()[:1]
+    if memory_budget is not None:
+        budget, source = _planner.parse_bytes(memory_budget), "memory_budget="
+    else:
+        budget, source = _planner.device_budget(devices), "free device memory"
+    if budget is None:  # nothing to plan against (a CPU reports no memory): keep every value
+        return (False if remat == "auto" else remat), None, {}
+    mine = [d for d in devices if d.process_index == jax.process_index()] or devices
+    resident = _planner.resident_bytes(params, mine[0])  # weights already on a device are not counted again
+    need = {}
+    for r in ((False, True) if remat == "auto" else (remat,)):
+        compiled = compile_with(r)
+        need[r] = _planner.estimate(compiled, 1, resident=resident).need()
+        if need[r] <= budget:
+            return r, compiled, {"memory_budget": budget, "memory_need": need}
+    tried = ", ".join(f"remat={r}: {_planner.fmt_bytes(n)}" for r, n in need.items())
+    raise _planner.MemoryPlanError(
+        f"attribution_patch does not fit the memory budget ({source}: {_planner.fmt_bytes(budget)} per device): {tried} "
+        f"beyond the weights already on the device. To fit: fewer prompts per call (split the batch: estimates are per "
+        f"prompt), shorter prompts, fewer targets or sites per call, method='atp' instead of 'atp*' (GradDrop runs one "
+        f"backward pass per layer), a smaller dtype (dtype='bfloat16' when loading), or a larger memory_budget= if the "
+        f"device really has more free memory.")
+
+
 def attribution_patch(
     model: HookedModel,
     clean_tokens,
@@ -338,6 +372,8 @@ def attribution_patch(
     attention_mask=None,
     mesh="auto",
     gather: str = "all",
+    remat="auto",
+    memory_budget=None,
 ):
     """Estimate every patch of one or several sweeps from gradients (see module docstring).
 
@@ -365,6 +401,15 @@ def attribution_patch(
             :func:`jaxpatch.activation_patch`. With the prompts split, the estimates travel to
             process 0 only; without, the other processes validate the arguments and return
             ``None`` without computing.
+        remat: the backward pass keeps every block's intermediate values (``False``) or
+            recomputes each block from its input (``True``: ``jax.checkpoint``; about a third of
+            the memory for GPT-2 small at 8 x 128 tokens, for one more forward pass).
+            ``"auto"`` (default): with a known memory budget (``memory_budget=``, or what the
+            device reports: GPUs, TPUs), the compiled program's own memory analysis decides:
+            ``False`` when it fits, else ``True``; without one (CPUs), ``False``.
+        memory_budget: bytes per device (or ``"2GiB"``, ``"512MB"``) the call may use; with a
+            budget (given or reported) a program that does not fit raises a
+            :class:`jaxpatch.planner.MemoryPlanError` saying what to change.
 
     Returns:
         a :class:`PatchResult` (one target) or a dict ``site/by -> PatchResult`` (several), whose
@@ -380,8 +425,11 @@ def attribution_patch(
     gather = _multihost.check_gather(gather)
     _multihost.check_prompt_mesh(mesh)
     if not isinstance(model, HookedModel):  # a Flax / Equinox / plain-JAX model: jaxpatch.byo's engine (one process)
+        if remat not in ("auto", False) or memory_budget is not None:
+            raise InputError("remat= and memory_budget= apply to jaxpatch's own models (HookedModel); a bring-your-own "
+                             "model runs its own forward pass.")
         kw = dict(locals())
-        del kw["gather"], kw["mesh"]
+        del kw["gather"], kw["mesh"], kw["remat"], kw["memory_budget"]
         res = _byo.attribution_patch(**kw)
         return res if _multihost.keeps_result(gather) else None
     if direction not in ("denoise", "noise"):
@@ -425,18 +473,31 @@ def attribution_patch(
             raise InputError(f"Metric returns {names[0].out_aval.dtype}; attribution needs a floating, differentiable metric.")
     if cfg.n_layers < 2 and method == "atp*":
         raise InputError("GradDrop needs at least 2 layers.")
-    share = _multihost.prompt_share(mesh, B, names)  # this process's prompts when they are split over processes
-    if share is None and not _multihost.keeps_result(gather):  # "process0" on another process: nothing to compute
+    share = _multihost.prompt_share(mesh, B, names, model.params)  # this process's prompts when they are split over processes
+    spread = _multihost.spread(model.params)  # weights over several processes: one program that every process joins
+    if share is None and not spread and not _multihost.keeps_result(gather):  # "process0" on another process: nothing to compute
         return None
-    if share is not None:  # every process must hold the same call: never a silent mix of two
+    if share is not None or spread:  # every process must hold the same call: never a silent mix of two
         from .resume import fingerprint
 
         _multihost.check_same("inputs (model weights, prompts, targets, metric or options)", fingerprint(
             cfg, model.params, run_tokens, src_tokens, ctx, sites, names, tuple(tlist), method, direction))
+    if share is not None:
         run_tokens, src_tokens = run_tokens[share], src_tokens[share]
         ctx = {k: (v if k == "metric_consts" else v[share]) for k, v in ctx.items()}
-    m_run, m_src, ests = _atp_core(cfg, model.params, run_tokens, src_tokens, ctx, sites=sites, names=names,
-                                   targets=tuple(tlist), method=method, denoise=direction == "denoise")
+    static = dict(sites=sites, names=names, targets=tuple(tlist), method=method, denoise=direction == "denoise")
+    remat, compiled, plan = _plan_remat(remat, memory_budget, model.params,
+                                        lambda r: _atp_core.lower(cfg, model.params, run_tokens, src_tokens, ctx, **static,
+                                                                  remat=r).compile())
+    if compiled is not None:  # the planned program itself (jit's cache does not hold it)
+        m_run, m_src, ests = compiled(model.params, run_tokens, src_tokens, ctx)
+    else:
+        m_run, m_src, ests = _atp_core(cfg, model.params, run_tokens, src_tokens, ctx, **static, remat=remat)
+    if spread:
+        gathered = _multihost.collect((m_run, m_src, ests), gather)
+        if gathered is None:  # "process0" on another process
+            return None
+        m_run, m_src, ests = gathered
     if share is not None:
         gathered = _multihost.gather_prompts((m_run, m_src, ests), B, gather)
         if gathered is None:  # "process0" on another process
@@ -452,7 +513,8 @@ def attribution_patch(
         results[(t.site, t.axes)] = PatchResult(
             t.site, direction, "resample", tuple(_metrics.name_of(n) for n in names), t.axes, labels,
             per[..., None, :], m_clean[None], m_corrupt[None],
-            info={"method": method, "estimate": True, "wall_s": elapsed, "signed": method != "atp*"})
+            info={"method": method, "estimate": True, "wall_s": elapsed, "signed": method != "atp*", "remat": remat,
+                  **plan})
     if single:
         return next(iter(results.values()))
     return results

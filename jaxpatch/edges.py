@@ -21,11 +21,13 @@ Across processes (after ``jax.distributed.initialize``), :func:`edge_attribution
 ``ceil(batch / processes)`` of them on its first device; a collective, every process calls; a user
 metric runs whole on each process), equal to one process to float rounding (a prompt's estimate in
 a smaller batch may round differently; ``tests/test_multihost_gather.py``: 1e-5 relative).
-:func:`exact_edge_patch` is not split: each process that returns a result runs it whole on its first
-device, with no collective, bitwise equal to one process. ``gather="all"`` (default) returns the
-result on every process; ``gather="process0"`` on process 0 only, the others returning ``None``
-(split estimates travel to process 0 alone; an unsplit call is not computed there). Any other
-value is an :class:`~jaxpatch.InputError`.
+:func:`exact_edge_patch` with ``mesh="auto"`` (default) splits its edges over every device of every
+process (inputs checked equal across processes, then replicated; a collective); with
+``mesh=None`` each process that returns a result runs it whole on its first device, with no
+collective, bitwise equal to one process. ``gather="all"`` (default) returns the result on every
+process; ``gather="process0"`` on process 0 only, the others returning ``None`` (split results
+travel to process 0 alone; an unsplit call is not computed there). Any other value is an
+:class:`~jaxpatch.InputError`.
 """
 
 from __future__ import annotations
@@ -252,17 +254,23 @@ def edge_attribution_patch(model: HookedModel, clean_tokens, corrupt_tokens, *, 
     names, run, src, ctx = _setup(model, clean_tokens, corrupt_tokens, metric, answer, wrong, answer_pos, direction,
                                    attention_mask)
     B = run.shape[0]
-    share = _multihost.prompt_share(mesh, B, names)  # this process's prompts when they are split over processes
-    if share is None and not _multihost.keeps_result(gather):  # "process0" on another process: nothing to compute
+    share = _multihost.prompt_share(mesh, B, names, model.params)  # this process's prompts when they are split over processes
+    spread = _multihost.spread(model.params)  # weights over several processes: one program that every process joins
+    if share is None and not spread and not _multihost.keeps_result(gather):  # "process0" on another process: nothing to compute
         return None
-    if share is not None:  # every process must hold the same call: never a silent mix of two
+    if share is not None or spread:  # every process must hold the same call: never a silent mix of two
         from .resume import fingerprint
 
         _multihost.check_same("inputs (model weights, prompts, metric or options)", fingerprint(
             model.config, model.params, run, src, ctx, names, ig_steps, direction))
+    if share is not None:
         run, src = run[share], src[share]
         ctx = {k: (v if k == "metric_consts" else v[share]) for k, v in ctx.items()}
     out = _eap_core(model.config, model.params, run, src, ctx, names=names, ig_steps=ig_steps)
+    if spread:
+        out = _multihost.collect(out, gather)
+        if out is None:  # "process0" on another process
+            return None
     if share is not None:
         out = _multihost.gather_prompts(out, B, gather)
         if out is None:  # "process0" on another process
@@ -288,9 +296,14 @@ def _exact_core(config, params, run_tokens, src_tokens, ctx, up_idx, down_idx, *
 
 
 def exact_edge_patch(model: HookedModel, clean_tokens, corrupt_tokens, edges, *, direction="denoise", metric="logit_diff",
-                     answer=None, wrong=None, answer_pos=-1, attention_mask=None, gather: str = "all") -> np.ndarray | None:
+                     answer=None, wrong=None, answer_pos=-1, attention_mask=None, mesh="auto",
+                     gather: str = "all") -> np.ndarray | None:
     """Exact effect of patching each edge ``(up_name, down_name)`` alone: ``[n_edges, B]``
-    (``None`` on processes other than 0 under ``gather="process0"``; see the module docstring)."""
+    (``None`` on processes other than 0 under ``gather="process0"``; see the module docstring).
+
+    ``mesh``: ``"auto"`` (default) splits the edges over every device (this process's; in a
+    multi-process run every process's), ``None`` runs them on one device, or a 1-D
+    ``jax.sharding.Mesh`` with axis ``"sweep"`` (as :func:`jaxpatch.evaluate_circuit`)."""
     gather = _multihost.check_gather(gather)
     names, run, src, ctx = _setup(model, clean_tokens, corrupt_tokens, metric, answer, wrong, answer_pos, direction,
                                    attention_mask)
@@ -303,16 +316,29 @@ def exact_edge_patch(model: HookedModel, clean_tokens, corrupt_tokens, edges, *,
     bad = [(a, b) for (a, b), i, j in zip(edges, u, v) if not g.valid[i, j]]
     if bad:
         raise InputError(f"Edges must go forward (upstream node before downstream node); invalid: {bad[:5]}.")
-    if not _multihost.keeps_result(gather):  # gather="process0" on another process: nothing to compute
-        return None
-    # One edge patched = the circuit engine's masked forward with that one edge carrying the source
-    # run's value (jaxpatch.circuits._engine); _exact_core above is its tested slow twin.
     from .circuits import _engine
 
+    spread = _multihost.spread(model.params)  # weights over several processes: one program that every process joins
+    mesh = _engine.resolve_mesh(mesh, model.params)
+    multi = _multihost.spans_processes(mesh)  # edges split over every process's devices
+    if not (spread or multi) and not _multihost.keeps_result(gather):  # "process0" on another process: nothing to compute
+        return None
+    if spread:  # every process must hold the same call: never a silent mix of two
+        from .resume import fingerprint
+
+        _multihost.check_same("inputs (model weights, prompts, edges, metric or options)", fingerprint(
+            model.config, model.params, run, src, ctx, names, u, v))
+    # One edge patched = the circuit engine's masked forward with that one edge carrying the source
+    # run's value (jaxpatch.circuits._engine); _exact_core above is its tested slow twin.
     ws = np.zeros((len(u) + 1,) + g.valid.shape, bool)
     ws[np.arange(len(u)), u, v] = True  # the last row patches nothing: the run itself
     other = _engine.up_outputs(model.config, model.params, src, ctx.get("attention_mask"))
     chunk = _engine.default_chunk(model.config, run.shape[0], run.shape[1], len(ws), None)
-    out = np.asarray(_engine.masked_sweep(model.config, model.params, names, run, jnp.asarray(ws), other, ctx,
-                                          chunk=chunk))[:, 0]
+    args = _engine.global_inputs(mesh, "inputs (model weights, prompts, edges, metric or options)",
+                                 (model.params, run, jnp.asarray(ws), other, ctx), (names, chunk))
+    out = _engine.masked_sweep(model.config, args[0], names, *args[1:], chunk=chunk, mesh=mesh)
+    out = _multihost.collect(out, gather) if (spread or multi) else np.asarray(out)
+    if out is None:  # gather="process0" on another process
+        return None
+    out = out[:, 0]
     return out[:-1] - out[-1]

@@ -24,6 +24,11 @@ def _forward(config, params, tokens, interventions, capture, attention_mask=None
     return models.forward(config, params, tokens, interventions, capture, attention_mask)
 
 
+def _spread_over_processes(params) -> bool:
+    leaf = jax.tree_util.tree_leaves(params)[0]
+    return isinstance(leaf, jax.Array) and not leaf.is_fully_addressable
+
+
 def check_tokens(config: ModelConfig, tokens) -> jax.Array:
     """Validate tokens and return them as ``int32 [batch, pos]`` (a 1-D array becomes batch 1).
 
@@ -139,7 +144,12 @@ class HookedModel:
         cap = frozenset(parse(n, self.config)[0] if n not in SITES else n for n in capture)
         for n in cap:
             check_available(n, self.config)
-        return _forward(self.config, self.params, tokens, ivs, cap, mask)
+        out = _forward(self.config, self.params, tokens, ivs, cap, mask)
+        if _spread_over_processes(self.params):  # every process holds the run whole (small next to the weights)
+            from .multihost import replicated
+
+            out = replicated(out)
+        return out
 
     def __call__(self, tokens, interventions: Interventions | None = None, attention_mask=None):
         """Logits ``[batch, pos, d_vocab]`` for int tokens ``[batch, pos]`` (or ``[pos]``)."""

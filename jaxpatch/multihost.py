@@ -39,6 +39,15 @@ gather the per-prompt estimates as ``gather=`` says (:func:`gather_prompts`).
 
 The result equals a single-process run bitwise (``tests/test_multihost.py``: 2 processes x 2
 CPU devices against one device).
+
+**Weights sharded across processes.** A ``("sweep", "model")`` mesh may span processes: the
+weights are global arrays sharded by :mod:`jaxpatch.partitioning` (loaded that way by
+``load_pretrained(path, mesh=)``, each process reading only its shards, or placed by the sweep from
+each process's host copy: :func:`place_params`). Every call on such weights (:func:`spread`) is one
+program over all processes: the reference runs' outputs are made whole on every process
+(:func:`replicated`), the gradient and circuit calls do not split prompts, their results are
+collected as ``gather=`` says (:func:`collect`), and fingerprints of the weights are computed over
+the processes (:func:`global_digest`). ``tests/test_multihost_2d.py``: 2 processes x 2 devices.
 """
 
 from __future__ import annotations
@@ -66,28 +75,91 @@ def _global(x, sharding: NamedSharding):
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
+def spans(x) -> bool:
+    """Whether ``x`` is a global array with devices in other processes (no process holds it whole)."""
+    return isinstance(x, jax.Array) and not x.is_fully_addressable
+
+
 def replicate(tree, mesh: Mesh):
     """Every array leaf of ``tree`` as a global array replicated over ``mesh`` (built from this
-    process's copy, which every process must hold identically: see :func:`check_same`).
-
-    Raises:
-        InputError: for a mesh other than 1-D ``("sweep",)``: weights sharded over a ``"model"``
-            axis would be gathered whole onto every device (multi-process 2-D meshes are not
-            supported yet).
-    """
-    if tuple(mesh.axis_names) != ("sweep",):
-        raise InputError(f"A sweep across processes runs on a 1-D mesh with axis 'sweep' (every device holds the whole "
-                         f"model); got a mesh with axes {tuple(mesh.axis_names)}. Sharded parameters across processes are "
-                         f"not supported yet: use mesh='auto' (every device of every process) or a 1-D 'sweep' mesh.")
+    process's copy, which every process must hold identically: see :func:`check_same`)."""
     rep = NamedSharding(mesh, P())
     return jax.tree.map(lambda x: _global(x, rep) if isinstance(x, (jax.Array, np.ndarray)) else x, tree)
 
 
+def place_params(params, mesh: Mesh):
+    """The weights as global arrays on ``mesh``: replicated on a 1-D ``("sweep",)`` mesh; on a
+    ``("sweep", "model")`` mesh sharded by :func:`jaxpatch.partitioning.param_shardings` (each
+    process builds only its own shards from its host copy). Weights already spread over this
+    mesh's processes (``load_pretrained(..., mesh=)``, ``partitioning.shard_params``) stay where
+    they are.
+
+    Raises:
+        InputError: weights spread over processes on devices other than the mesh's.
+    """
+    if tuple(mesh.axis_names) == ("sweep",):
+        return replicate(params, mesh)
+    from .partitioning import param_shardings
+
+    devices = set(mesh.devices.flat)
+
+    def put(x, sharding):
+        if spans(x):
+            if set(x.sharding.device_set) != devices:
+                raise InputError("The model's weights are sharded over other devices than the sweep's mesh: place them on "
+                                 "the same mesh (jaxpatch.partitioning.shard_params(params, mesh) or "
+                                 "load_pretrained(path, mesh=mesh)) or pass that mesh as mesh=.")
+            return x
+        return _global(x, sharding)
+
+    return jax.tree.map(put, params, param_shardings(params, mesh))
+
+
+def replicated(tree):
+    """``tree`` with every leaf spread over processes (:func:`spans`) made fully replicated on its
+    own mesh, so that every process holds it whole (a collective: every process calls). Used for
+    the reference runs of a model whose weights are sharded across processes: their logits and
+    activations are small next to the weights."""
+    return jax.tree.map(lambda x: _replicator(x.sharding.mesh)(x) if spans(x) else x, tree)
+
+
+@cache
+def _replicator(mesh: Mesh):
+    return jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, P()))
+
+
+def global_digest(x: jax.Array) -> bytes:
+    """Bytes that identify the contents of ``x`` (a global array spread over processes) and are
+    the same on every process: two 32-bit position-weighted sums of its bytes computed by one
+    program over every device (integer sums wrap exactly, so no reduction order changes them;
+    a collective: every process calls). What :func:`jaxpatch.resume.fingerprint` uses for weights
+    no process holds whole."""
+    sums = _checksum(x)
+    return f"{x.dtype.str}:{x.shape};".encode() + np.asarray(sums.addressable_data(0)).tobytes()
+
+
+@jax.jit
+def _checksum(x):
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    b = jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)  # [..., itemsize] for wider types
+    index = jnp.zeros(b.shape, jnp.uint32)
+    stride = 1
+    for d in reversed(range(b.ndim)):  # each byte's flat position, without reshaping the sharded array
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, b.shape, d) * jnp.uint32(stride % 2**32)
+        stride *= b.shape[d]
+    one = jnp.sum(b * (index * jnp.uint32(2654435761) + jnp.uint32(1)), dtype=jnp.uint32)
+    two = jnp.sum((b + jnp.uint32(1)) * (index * jnp.uint32(40503) + jnp.uint32(2246822519)), dtype=jnp.uint32)
+    return jnp.stack([one, two])
+
+
 def putter(mesh: Mesh):
     """``put(array, sharded)``: a host array as a global array, split along its first axis over
-    ``"sweep"`` (``sharded``) or replicated."""
+    ``"sweep"`` (``sharded``) or replicated. On a ``("sweep", "model")`` mesh everything is
+    replicated (small: patch indices; the program splits each chunk over ``"sweep"`` itself)."""
     shd, rep = NamedSharding(mesh, P("sweep")), NamedSharding(mesh, P())
-    return lambda a, sharded: _global(a, shd if sharded else rep)
+    two_d = "model" in mesh.axis_names
+    return lambda a, sharded: _global(a, shd if sharded and not two_d else rep)
 
 
 #: Valid ``gather=`` values: every process returns the result, or process 0 only.
@@ -167,8 +239,12 @@ def to_process0(x: jax.Array) -> np.ndarray | None:
     """A global array split along the ``"sweep"`` axis of its mesh, whole as numpy on process 0
     (``None`` on the others; a collective: every process calls). It moves by ``ppermute`` rounds,
     each sending up to one shard per device of process 0 from the devices of the other processes,
-    so no other process receives anything."""
+    so no other process receives anything. On a ``("sweep", "model")`` mesh the array is first
+    spread evenly over every device (flattened, padded), then moved the same way."""
     mesh = x.sharding.mesh
+    spec = tuple(x.sharding.spec)
+    if tuple(mesh.axis_names) != ("sweep",) or not spec or spec[0] != "sweep" or any(a is not None for a in spec[1:]):
+        return _flat_to_process0(x)
     devs = list(mesh.devices.flat)
     first = tuple(i for i, d in enumerate(devs) if d.process_index == 0)
     rest = [i for i, d in enumerate(devs) if d.process_index != 0]
@@ -192,6 +268,27 @@ def to_process0(x: jax.Array) -> np.ndarray | None:
     return out
 
 
+def _flat_to_process0(x: jax.Array) -> np.ndarray | None:
+    mesh = x.sharding.mesh
+    spread = _spreader(mesh)(x)  # [devices, per]: row i on device mesh.devices.flat[i]
+    flat = NamedSharding(Mesh(mesh.devices.reshape(-1), ("sweep",)), P("sweep"))
+    rows = jax.make_array_from_single_device_arrays(spread.shape, flat, [s.data for s in spread.addressable_shards])
+    out = to_process0(rows)
+    return None if out is None else out.reshape(-1)[: x.size].reshape(x.shape)
+
+
+@cache
+def _spreader(mesh: Mesh):
+    n = mesh.size
+
+    def spread(x):
+        flat = x.reshape(-1)
+        per = -(-flat.size // n)
+        return jnp.pad(flat, (0, n * per - flat.size)).reshape(n, per)
+
+    return jax.jit(spread, out_shardings=NamedSharding(mesh, P(tuple(mesh.axis_names))))
+
+
 # ------------------------------------------------------------------ prompts split over processes
 def check_prompt_mesh(mesh) -> None:
     """``mesh=`` of the attribution and edge-estimate calls: ``"auto"`` or ``None``."""
@@ -200,15 +297,35 @@ def check_prompt_mesh(mesh) -> None:
                          f"(run the whole call on this process's first device); got {mesh!r}.")
 
 
-def prompt_share(mesh, batch: int, names) -> np.ndarray | None:
+def spread(params) -> bool:
+    """Whether the model's weights are global arrays over several processes (a sharded model, or
+    weights placed on a mesh spanning processes): every call on them is one program that every
+    process runs together."""
+    leaves = jax.tree_util.tree_leaves(params)
+    return bool(leaves) and spans(leaves[0])
+
+
+def collect(tree, gather: str):
+    """The outputs of one program over every process (weights :func:`spread`) as numpy: on every
+    process (``gather="all"``) or on process 0 only (``"process0"``: :func:`to_process0` for
+    arrays split over devices; ``None`` on the other processes). A collective: every process calls."""
+    if gather == "all":
+        return jax.tree.map(np.asarray, replicated(tree))
+    leaves, treedef = jax.tree.flatten(tree)
+    out = [to_process0(x) if spans(x) and not x.is_fully_replicated else np.asarray(x) for x in leaves]
+    return jax.tree.unflatten(treedef, out) if jax.process_index() == 0 else None
+
+
+def prompt_share(mesh, batch: int, names, params=None) -> np.ndarray | None:
     """The prompts this process computes when a call splits its prompts over processes: under
     ``mesh="auto"`` in a multi-process run with built-in metrics only (each prompt's value depends
     on that prompt alone; a user metric may mix prompts, so it runs whole on every process),
     ``ceil(batch / processes)`` indices, process ``i`` taking the ``i``-th block (the last blocks
     padded by repeating prompt ``batch - 1``, so every process compiles the same shapes). Else
-    ``None``: the whole call runs on each process."""
+    ``None``: the whole call runs on each process, or, with weights spread over the processes
+    (:func:`spread`), once over all of them."""
     check_prompt_mesh(mesh)
-    if mesh is None or jax.process_count() == 1 or not all(isinstance(n, str) for n in names):
+    if spread(params) or mesh is None or jax.process_count() == 1 or not all(isinstance(n, str) for n in names):
         return None
     n, i = jax.process_count(), jax.process_index()
     per = -(-batch // n)

@@ -87,6 +87,10 @@ def _feed(h, obj) -> None:
         h.update(f"{type(obj).__name__}:{obj!r};".encode())
     elif isinstance(obj, TracedMetric):
         _feed(h, ("TracedMetric", obj.name, repr(obj.key)))
+    elif isinstance(obj, jax.Array) and not obj.is_fully_addressable and not obj.is_fully_replicated:
+        from .multihost import global_digest  # weights sharded across processes: no process holds them whole
+
+        h.update(b"global:" + global_digest(obj))
     elif isinstance(obj, (np.ndarray, jax.Array, np.generic)):
         arr = _host(obj)
         h.update(f"array:{arr.dtype.str}:{arr.shape};".encode())

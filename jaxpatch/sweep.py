@@ -742,7 +742,8 @@ def run(
         _multihost.check_same("inputs (model weights, prompts, sweep, metrics or options)", fingerprint(
             params, dict(run_cache), source, source_stacked, dict(ctx), run_ivs, metric, sweep.site, dict(sweep.index),
             n_pos, chunk_size, position_buckets))
-        params, run_ivs, run_cache, source, ctx = _multihost.replicate((params, run_ivs, dict(run_cache), source, dict(ctx)), mesh)
+        params = _multihost.place_params(params, mesh)
+        run_ivs, run_cache, source, ctx = _multihost.replicate((run_ivs, dict(run_cache), source, dict(ctx)), mesh)
     if chunk_size is None:
         chunk_size = default_chunk_size(sweep, B, n_pos, position_buckets, same_before=same_before)
         chunk_size = _planned_chunk(config, params, sweep, run_cache, source, source_stacked, metric, ctx, n_pos, run_ivs,

@@ -105,15 +105,13 @@ def test_two_processes_equal_one_process_bitwise(tmp_path):
         "manifest.json"]
 
 
-def test_multi_process_sweeps_refuse_a_two_d_mesh():
-    """Replicating inputs over a ("sweep", "model") mesh would undo parameter sharding: refused."""
+def test_replicate_on_a_one_d_mesh():
+    """Inputs other than the weights are replicated over the sweep's mesh (the weights go through
+    ``place_params``: tests/test_multihost_2d.py)."""
     from jax.sharding import Mesh
 
     from jaxpatch import multihost
 
-    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("sweep", "model"))
-    with pytest.raises(jaxpatch.InputError, match="1-D mesh with axis 'sweep'"):
-        multihost.replicate({"w": np.zeros(3, np.float32)}, mesh)
     one_d = Mesh(np.array(jax.devices()[:2]), ("sweep",))
     out = multihost.replicate({"w": np.arange(3, dtype=np.float32), "k": 3}, one_d)
     assert out["k"] == 3 and out["w"].sharding.is_fully_replicated and len(out["w"].sharding.device_set) == 2

@@ -7,9 +7,10 @@ devices each, joined by ``jax.distributed.initialize`` (gloo collectives).
   (only the per-patch finiteness flags and the input digests), with or without a checkpoint;
 * ``attribution_patch`` and ``edge_attribution_patch`` split the prompts over the processes
   (``mesh="auto"``): equal to one process to 1e-5 of the largest value (a prompt's estimate in a
-  smaller batch may round differently); with ``mesh=None``, and for ``exact_edge_patch`` (never
-  split), each process computes the whole call: bitwise equal to one process. Under
-  ``"process0"`` the others get ``None``;
+  smaller batch may round differently); ``exact_edge_patch`` splits its edges, and
+  ``evaluate_circuit`` / ``path_patch`` with ``mesh="auto"`` their circuits / pairs, over the
+  devices of both processes (1e-5); with ``mesh=None`` each process computes the whole call: bitwise equal
+  to one process. Under ``"process0"`` the others get ``None``;
 * a bad ``gather`` (every entry point) or ``mesh`` (attribution, EAP) is an :class:`InputError`.
 """
 
@@ -112,6 +113,10 @@ except jaxpatch.InputError as e:
 edges = """ + repr(EDGES) + """
 call("exact", lambda **kw: jaxpatch.edges.exact_edge_patch(model, clean, corrupt, edges, **ans, **kw))
 call("exact_first", lambda **kw: jaxpatch.edges.exact_edge_patch(model, clean, corrupt, edges, **ans, **kw), gather="process0")
+call("exact_local", lambda **kw: jaxpatch.edges.exact_edge_patch(model, clean, corrupt, edges, **ans, **kw), mesh=None)
+call("circuit", lambda **kw: jaxpatch.evaluate_circuit(model, clean, corrupt, [edges, edges[:2]], **ans, **kw), mesh="auto")
+call("path", lambda **kw: jaxpatch.circuits.path_patch(model, clean, corrupt, senders=["L0H1", "MLP0"],
+                                                       receivers=["L1H0.q", "logits"], **ans, **kw), mesh="auto")
 
 # The mechanism on a hand-made dispatch group: a NaN value in row 5, a non-finite run in row 2.
 put = multihost.putter(sweep.default_mesh())
@@ -183,18 +188,24 @@ def test_gather_to_process0_and_everywhere_across_two_processes(tmp_path, ns):
     ref = {"sweep": jaxpatch.activation_patch(model, clean, corrupt, mesh=None, **KW).per_prompt,
            "atp": jaxpatch.attribution_patch(model, clean, corrupt, site="z", method="atp*", **ans).per_prompt,
            "eap": jaxpatch.edges.edge_attribution_patch(model, clean, corrupt, ig_steps=3, **ans).per_prompt,
-           "exact": jaxpatch.edges.exact_edge_patch(model, clean, corrupt, EDGES, **ans)}
+           "exact": jaxpatch.edges.exact_edge_patch(model, clean, corrupt, EDGES, mesh=None, **ans)}
+    ref["circuit"] = jaxpatch.evaluate_circuit(model, clean, corrupt, [EDGES, EDGES[:2]], **ans).per_prompt
+    ref["path"] = jaxpatch.circuits.path_patch(model, clean, corrupt, senders=["L0H1", "MLP0"],
+                                               receivers=["L1H0.q", "logits"], **ans).per_prompt
     z = [np.load(tmp_path / f"p{i}.npz") for i in range(2)]
     for i in range(2):  # gather="all": every process holds the whole result
-        for key, want in (("all", "sweep"), ("atp_local", "atp"), ("eap_local", "eap"), ("exact", "exact")):
+        for key, want in (("all", "sweep"), ("atp_local", "atp"), ("eap_local", "eap"), ("exact_local", "exact")):
             assert z[i][key].tobytes() == ref[want].tobytes(), (i, key)  # one program on the same inputs: bitwise
         for key in ("atp", "eap"):  # prompts split over the processes: to float rounding
+            assert z[i][key].shape == ref[key].shape and rel_err(z[i][key], ref[key]) <= 1e-5, (i, key)
+        # edges split over the 4 devices of both processes: each device vectorises fewer edges at once
+        for key in ("exact", "circuit", "path"):
             assert z[i][key].shape == ref[key].shape and rel_err(z[i][key], ref[key]) <= 1e-5, (i, key)
     # gather="process0": process 0 holds the result; process 1 got None
     for key, want in (("first", "sweep"), ("ckpt_first", "sweep"), ("ckpt_again", "sweep"), ("atp_first", "atp"),
                       ("eap_first", "eap"), ("exact_first", "exact")):
-        if key in ("atp_first", "eap_first"):
-            assert z[0][key].tobytes() == z[0][key[:3]].tobytes(), key  # the same split, gathered to process 0
+        if key in ("atp_first", "eap_first", "exact_first"):
+            assert z[0][key].tobytes() == z[0][key.split("_")[0]].tobytes(), key  # the same split, gathered to process 0
         else:
             assert z[0][key].tobytes() == ref[want].tobytes(), key
         assert str(z[1][key]) == "None", key

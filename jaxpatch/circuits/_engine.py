@@ -161,21 +161,49 @@ def sharded_map(fn, shared, items, chunk: int, mesh):
     return jax.tree_util.tree_map(lambda a: a[:n], run(shared, items))
 
 
-def resolve_mesh(mesh):
-    """``"auto"``: every local device (``None`` with one); ``None``: one device; or a 1-D mesh with
-    axis ``"sweep"`` whose devices are all this process's."""
-    if mesh is None:
+def host(x) -> np.ndarray:
+    """A circuit program's output as numpy on this process (made whole on every process first when
+    the weights are spread over several: a collective)."""
+    from .. import multihost
+
+    return np.asarray(multihost.replicated(x))
+
+
+def resolve_mesh(mesh, params=None):
+    """``"auto"``: every device (``None`` with one): this process's, or in a multi-process run
+    (``jax.distributed``) every process's; ``None``: one device; or a 1-D mesh with axis
+    ``"sweep"`` (its devices may be in several processes). Weights spread over several processes
+    (a sharded model) run as one program over their own mesh: ``"auto"`` then means ``None``."""
+    from .. import multihost
+
+    if mesh is None or (isinstance(mesh, str) and mesh == "auto" and multihost.spread(params)):
         return None
     if isinstance(mesh, str):
         if mesh != "auto":
             raise InputError(f"mesh must be 'auto', None or a jax.sharding.Mesh with axis 'sweep'; got {mesh!r}.")
-        devs = jax.local_devices()
+        devs = jax.devices() if jax.process_count() > 1 else jax.local_devices()
         return jax.sharding.Mesh(np.array(devs), ("sweep",)) if len(devs) > 1 else None
     if tuple(mesh.axis_names) != ("sweep",):
         raise InputError(f"Circuit methods shard over a 1-D mesh with axis 'sweep'; got axes {tuple(mesh.axis_names)}.")
-    if len({dv.process_index for dv in mesh.devices.flat}) > 1:
-        raise InputError("Circuit methods run on one process's devices; this mesh spans several processes.")
+    if multihost.spread(params):
+        raise InputError("This model's weights are sharded over several processes: circuit methods then run as one "
+                         "program over the weights' own mesh; pass mesh='auto' or None.")
     return mesh
+
+
+def global_inputs(mesh, what: str, args: tuple, static=()) -> tuple:
+    """``args`` as they enter a circuit program on ``mesh``: unchanged unless the mesh spans
+    processes; then, after checking that every process was given the same ``args`` and ``static``
+    (their fingerprints are compared: never a silent mix of two calls), global arrays replicated
+    over the mesh, built from each process's own copy (a collective: every process calls)."""
+    from .. import multihost
+
+    if not multihost.spans_processes(mesh):
+        return args
+    from ..resume import fingerprint
+
+    multihost.check_same(what, fingerprint(args, static))
+    return multihost.replicate(args, mesh)
 
 
 @partial(jax.jit, static_argnames=("config", "names", "chunk", "mesh"))

@@ -185,8 +185,10 @@ def evaluate_circuit(
     chunk = _engine.default_chunk(cfg, B, T, ws.shape[0], chunk_size)
     setup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = np.asarray(_engine.masked_sweep(cfg, model.params, names, clean, jnp.asarray(ws), other, ctx, chunk=chunk,
-                                          mesh=_engine.resolve_mesh(mesh)))
+    mesh = _engine.resolve_mesh(mesh, model.params)
+    args = _engine.global_inputs(mesh, "inputs (model weights, prompts, circuits, metric or options)",
+                                 (model.params, clean, jnp.asarray(ws), other, ctx), (names, chunk))
+    out = _engine.host(_engine.masked_sweep(cfg, args[0], names, *args[1:], chunk=chunk, mesh=mesh))
     sweep_s = time.perf_counter() - t0
     _engine.check_finite("Circuit evaluation", out, list(labels) + ["empty circuit"])
     ref = corrupt if corrupt is not None else clean

@@ -210,7 +210,7 @@ def path_patch(
              jnp.asarray(first[ri]))
     n = len(si)
     chunk = int(min(n, 64)) if chunk_size is None else _engine.default_chunk(cfg, 1, 1, n, chunk_size)
-    mesh = _engine.resolve_mesh(mesh)
+    mesh = _engine.resolve_mesh(mesh, model.params)
     if mesh is not None:
         chunk = min(chunk, -(-n // mesh.size))  # at least one chunk per device
     setup_s = time.perf_counter() - t0
@@ -218,7 +218,9 @@ def path_patch(
     # consecutive chunks of `chunk` sorted pairs, the last padded with repeats of the last pair
     take = np.minimum(np.arange(-(-n // chunk) * chunk), n - 1)
     chunked = jax.tree_util.tree_map(lambda a: a[take].reshape((-1, chunk) + a.shape[1:]), pairs)
-    out = np.asarray(_pairs_core(cfg, model.params, names, run, ctx, delta, resid, mlp_in, chunked, mesh=mesh))
+    args = _engine.global_inputs(mesh, "inputs (model weights, prompts, senders, receivers, metric or options)",
+                                 (model.params, run, ctx, delta, resid, mlp_in, chunked), names)
+    out = _engine.host(_pairs_core(cfg, args[0], names, *args[1:], mesh=mesh))
     out = out.reshape((-1,) + out.shape[2:])[:n]  # [n, M, B]
     sweep_s = time.perf_counter() - t0
     labels = [f"{group_label(s_groups[a])} -> {group_label(r_groups[b])}" for a, b in zip(si, ri)]

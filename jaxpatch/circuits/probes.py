@@ -122,7 +122,7 @@ def _run(model, names, run, other, ws, ctx):
     cfg = model.config
     chunk = _engine.default_chunk(cfg, run.shape[0], run.shape[1], ws.shape[0], None)
     out = _engine.masked_sweep(cfg, model.params, names, run, jnp.asarray(ws), other, ctx, chunk=chunk)
-    return np.asarray(out)[:, 0]  # [C, B]
+    return _engine.host(out)[:, 0]  # [C, B]
 
 
 def and_or_probe(model: HookedModel, clean_tokens, corrupt_tokens, groups: Sequence, *, metric="logit_diff",

@@ -397,8 +397,11 @@ def _layer_ctx(config: ModelConfig, run_ctx, layer, window, local, pos_offset: i
 
 
 def run_blocks(config: ModelConfig, blocks: Params, x, run_ctx, ivs: Interventions = NONE,
-               capture: frozenset = frozenset()):
-    """Scan every block over ``x``. Returns ``(x, captures)``, captures stacked ``[L, ...]``."""
+               capture: frozenset = frozenset(), remat: bool = False):
+    """Scan every block over ``x``. Returns ``(x, captures)``, captures stacked ``[L, ...]``.
+
+    ``remat``: a gradient through the scan recomputes each block from its input instead of
+    keeping the block's intermediate values (``jax.checkpoint``): less memory, one more forward."""
     layers = jnp.arange(config.n_layers, dtype=jnp.int32)
 
     def body(x, xs):
@@ -407,11 +410,11 @@ def run_blocks(config: ModelConfig, blocks: Params, x, run_ctx, ivs: Interventio
         x = block(config, p, x, hs, _layer_ctx(config, run_ctx, layer, window, local))
         return x, hs.captured
 
-    return jax.lax.scan(body, x, (blocks, layers, _windows(config), _local(config)))
+    return jax.lax.scan(jax.checkpoint(body) if remat else body, x, (blocks, layers, _windows(config), _local(config)))
 
 
 def forward(config: ModelConfig, params: Params, tokens, interventions: Interventions | None = None,
-            capture: frozenset = frozenset(), attention_mask=None):
+            capture: frozenset = frozenset(), attention_mask=None, remat: bool = False):
     """The whole model as a pure function.
 
     Args:
@@ -421,6 +424,7 @@ def forward(config: ModelConfig, params: Params, tokens, interventions: Interven
         interventions: edits applied at sites (default: none).
         capture: canonical site names whose activations to return.
         attention_mask: optional ``[B, T]`` (1 = real token, 0 = padding).
+        remat: recompute each block in a gradient's backward pass (see :func:`run_blocks`).
 
     Returns:
         ``(logits [B, T, V], captures)``; per-layer captures are stacked ``[L, ...]``.
@@ -429,7 +433,7 @@ def forward(config: ModelConfig, params: Params, tokens, interventions: Interven
     run_ctx = run_context(config, tokens, attention_mask)
     hs = SiteHandler(ivs, capture)
     x = embed(config, params, tokens, hs, run_ctx["positions"])
-    x, block_caps = run_blocks(config, params["blocks"], x, run_ctx, ivs, capture)
+    x, block_caps = run_blocks(config, params["blocks"], x, run_ctx, ivs, capture, remat)
     logits = unembed(config, params, x, hs)
     return logits, {**hs.captured, **block_caps}
 
