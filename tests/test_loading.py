@@ -227,7 +227,11 @@ def test_every_family_reports_missing_unexpected_and_misshapen_tensors(family_ck
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_bfloat16_checkpoints_load_as_bfloat16_by_default(family, tmp_path):
-    model = family_model(family, dtype=jnp.bfloat16)
+    # float32 weights (the init program compiled for family_ckpt) rounded to bfloat16: a bfloat16
+    # model without compiling a second init program for the bfloat16 dtype.
+    m32 = family_model(family)
+    model = jaxpatch.HookedModel(m32.config, jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), m32.params))
+    assert model.dtype == jnp.bfloat16
     ckpt = jaxpatch.save_pretrained(model, tmp_path / "bf16")
     assert {str(v.dtype) for v in load_file(str(ckpt / "model.safetensors")).values()} == {"bfloat16"}
     assert json.loads((ckpt / "config.json").read_text())["dtype"] == "bfloat16"
@@ -413,7 +417,9 @@ def test_tied_checkpoint_with_a_different_lm_head_is_refused(tmp_path):
 def test_configs_a_family_cannot_express_are_not_saved(tmp_path):
     config = jaxpatch.ModelConfig(n_layers=1, d_mlp=40, d_vocab=53, n_ctx=16,
                                   **{**FAMILY_CONFIGS["llama"], "post_norms": True, "o_bias": False})
-    model = jaxpatch.HookedModel.from_config(config)
+    # Only the config matters here: zero weights of the right shapes (no init program to compile).
+    shapes = jax.eval_shape(lambda: jaxpatch.HookedModel.from_config(config).params)
+    model = jaxpatch.HookedModel(config, jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes))
     with pytest.raises(jaxpatch.CheckpointError, match=r"Llama checkpoint: .*post_norms is True.*qkv_bias != o_bias"):
         jaxpatch.save_pretrained(model, tmp_path / "x")
 
