@@ -450,8 +450,14 @@ def _finish(config, params, rows, metric, ctx, n_pos: int):
     return vals, jnp.all(jnp.isfinite(logits), axis=(1, 2))
 
 
+#: Suffix runs read the attention weights stored matmul-major (``models.matmul_major_blocks``:
+#: transposed once per program, so no layer's matmul copies its weight slice); ``False`` is the
+#: slow twin the tests compare against.
+MATMUL_MAJOR = True
+
+
 def _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_stacked, offsets, metric, n_pos):
-    blocks = params["blocks"]
+    blocks = models.matmul_major_blocks(params["blocks"]) if MATMUL_MAJOR else params["blocks"]
 
     def make_branch(s):
         def one(ix, start, full):

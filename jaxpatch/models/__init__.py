@@ -30,6 +30,7 @@ from .transformer import (  # noqa: F401
     kv_sites as kv_sites,
     logits_at as logits_at,
     logits_columns as logits_columns,
+    matmul_major_blocks as matmul_major_blocks,
     run_blocks_from as run_blocks_from,
     run_context as run_context,
 )

@@ -438,6 +438,23 @@ def forward(config: ModelConfig, params: Params, tokens, interventions: Interven
     return logits, {**hs.captured, **block_caps}
 
 
+_MATMUL_MAJOR = ":matmul_major"
+#: weight -> (its stacked layout's axes moved so that each layer's matmul reads it in place, the
+#: per-layer transpose back to the layout the block names)
+_FWD = {"W_Q": (0, 2, 1, 3), "W_K": (0, 2, 1, 3), "W_V": (0, 2, 1, 3), "W_O": (0, 2, 1, 3)}
+_BACK = {"W_Q": (1, 0, 2), "W_K": (1, 0, 2), "W_V": (1, 0, 2), "W_O": (1, 0, 2)}
+
+
+def matmul_major_blocks(blocks: Params) -> Params:
+    """``blocks`` with the query/key/value weights stored ``[L, D, N, H]`` (keys marked
+    ``:matmul_major``) for :func:`run_blocks_from`: transposed once per program instead of once per
+    layer per patched run (each layer's slice is then read by its matmul in place)."""
+    out = dict(blocks)
+    for name, perm in _FWD.items():
+        out[name + _MATMUL_MAJOR] = jnp.transpose(out.pop(name), perm)
+    return out
+
+
 def run_blocks_from(config: ModelConfig, blocks: Params, x, start, run_ctx, ivs: Interventions = NONE,
                     pos_offset: int = 0, prefix_kv=None, read=None, full_last=True):
     """Run blocks ``start..n_layers-1`` (``start`` may be traced) on residual stream ``x``.
@@ -466,6 +483,9 @@ def run_blocks_from(config: ModelConfig, blocks: Params, x, start, run_ctx, ivs:
 
     def layer_args(layer):
         p = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False), blocks)
+        for k in [k for k in p if k.endswith(_MATMUL_MAJOR)]:  # weights stored matmul-major (matmul_major_blocks)
+            name = k[: -len(_MATMUL_MAJOR)]
+            p[name] = jnp.transpose(p.pop(k), _BACK[name])
         kv = None
         if pos_offset:
             kv = tuple(
