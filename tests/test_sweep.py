@@ -226,7 +226,6 @@ def test_metrics_and_normalisation(model, prompts):
 
 def test_custom_per_prompt_metric(model, prompts):
     clean, corrupt, ans, wrong = prompts
-    b = np.arange(3)
 
     def top_logit(logits):
         return logits.max(axis=-1)
@@ -235,7 +234,6 @@ def test_custom_per_prompt_metric(model, prompts):
     assert r.metrics == ("logit_diff", "top_logit")
     with pytest.raises(jaxpatch.InputError, match="one value per prompt"):
         jaxpatch.activation_patch(model, clean, corrupt, metrics=(lambda lg: lg.sum(),), answer=ans, mesh=None)
-    del b
 
 
 def test_zero_gap_is_reported_not_divided(model, prompts):
