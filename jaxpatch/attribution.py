@@ -104,9 +104,8 @@ def _run_and_grad(config, params, tokens, ctx, *, sites, names, drop, remat=Fals
         if gates is not None:
             for s in _GD_SITES:
                 edits[s] = edits.get(s, ()) + (Edit(grad_scale=jnp.reshape(gates, (L,) + (1,) * 3), stacked=True),)
-        logits, caps = models.forward(config, params, tokens, Interventions(edits), frozenset(sites), ctx.get("attention_mask"),
-                                      remat=remat)
-        rows = jnp.take_along_axis(logits, ctx["answer_pos"][:, None, None], axis=1)[:, 0]
+        rows, caps = models.forward(config, params, tokens, Interventions(edits), frozenset(sites), ctx.get("attention_mask"),
+                                    remat=remat, rows=ctx["answer_pos"])  # [B, V]: the answer rows only
         m = _metrics.compute_ctx(names, rows, ctx)[0]
         return jnp.sum(m), (m, caps)
 
@@ -268,16 +267,16 @@ def _qk_fix(config, site, axes, run, src, g_pattern, key_mask):
 def _atp_core(config, params, run_tokens, src_tokens, ctx, *, sites, names, targets, method, denoise, remat=False):
     """Everything in one program: the source run (with captures), the run's forward and backward
     (GradDrop variants batched for ``atp*``), and every target's estimate ``[*grid, B]``."""
-    rows = lambda lg: jnp.take_along_axis(lg, ctx["answer_pos"][:, None, None], axis=1)[:, 0]  # noqa: E731
-    src_logits, src_caps = models.forward(config, params, src_tokens, NONE, frozenset(sites), ctx.get("attention_mask"))
+    apos = ctx["answer_pos"]  # every logit read is at the answer rows: only those are unembedded
+    src_rows, src_caps = models.forward(config, params, src_tokens, NONE, frozenset(sites), ctx.get("attention_mask"), rows=apos)
     if denoise:
-        clean_rows = rows(src_logits)
+        clean_rows = src_rows
     elif any(n == "kl" for n in names):
-        clean_rows = rows(models.forward(config, params, run_tokens, attention_mask=ctx.get("attention_mask"))[0])
+        clean_rows = models.forward(config, params, run_tokens, attention_mask=ctx.get("attention_mask"), rows=apos)[0]
     else:
-        clean_rows = rows(src_logits)  # unused by the metric
+        clean_rows = src_rows  # unused by the metric
     ctx = {**ctx, "clean_logprobs": jax.nn.log_softmax(clean_rows.astype(jnp.promote_types(clean_rows.dtype, jnp.float32)), -1)}
-    m_src = _metrics.compute_ctx(names, rows(src_logits), ctx)[0]
+    m_src = _metrics.compute_ctx(names, src_rows, ctx)[0]
     m_run, run_caps, grads = _run_and_grad(config, params, run_tokens, ctx, sites=sites, names=names, drop=method == "atp*",
                                            remat=remat)
     qk = method in ("atp*", "atp+qk")

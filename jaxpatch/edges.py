@@ -61,7 +61,7 @@ def _check_additive(config: ModelConfig) -> None:
             f"(jaxpatch.activation_patch / attribution_patch) instead.")
 
 
-def edge_forward(config: ModelConfig, params, tokens, deltas, embed=None, attention_mask=None):
+def edge_forward(config: ModelConfig, params, tokens, deltas, embed=None, attention_mask=None, rows=None):
     """The model's one forward pass with a separate residual input per downstream node.
 
     Each downstream node reads its own copy of the residual stream (the model's on-demand sites
@@ -72,9 +72,11 @@ def edge_forward(config: ModelConfig, params, tokens, deltas, embed=None, attent
 
     Args:
         embed: optional replacement of ``hook_embed`` ``[B, T, D]`` (EAP-IG interpolation).
+        rows: optional int ``[B]``: only position ``rows[b]``'s logits (``[B, V]``), as for
+            :func:`jaxpatch.models.forward`.
 
     Returns:
-        logits ``[B, T, V]`` and the upstream outputs: ``embed`` ``[B, T, D]`` (the residual
+        logits ``[B, T, V]`` (``[B, V]`` with ``rows``) and the upstream outputs: ``embed`` ``[B, T, D]`` (the residual
         stream entering block 0), ``heads`` ``[L, B, T, N, D]`` (per-head writes,
         :func:`jaxpatch.models.head_writes`: without ``b_O``; through the post-norm where the family
         has one), ``mlp`` ``[L, B, T, D]``, and the token embeddings ``tok`` ``[B, T, D]``.
@@ -89,7 +91,7 @@ def edge_forward(config: ModelConfig, params, tokens, deltas, embed=None, attent
     if embed is not None:
         edits["hook_embed"] = (Edit(value=embed),)
     capture = _UP_SITES | frozenset(models.head_write_sites(config))
-    logits, caps = models.forward(config, params, tokens, Interventions(edits), capture, attention_mask)
+    logits, caps = models.forward(config, params, tokens, Interventions(edits), capture, attention_mask, rows=rows)
     return logits, {"embed": caps["blocks.hook_resid_pre"][0], "heads": models.head_writes(config, params, caps),
                     "mlp": caps["blocks.hook_mlp_out"], "tok": caps["hook_embed"]}
 
@@ -163,8 +165,9 @@ def _deltas_at(config: ModelConfig, v, dx):
             "v": jnp.moveaxis(per_layer[:, N + K:N + 2 * K], 1, 3), "mlp": per_layer[:, N + 2 * K], "logits": flat[-1]}
 
 
-def _metric(names, logits, ctx):
-    rows = jnp.take_along_axis(logits, ctx["answer_pos"][:, None, None], axis=1)[:, 0]
+def _metric_of(names, config, params, tokens, deltas, ctx, embed=None):
+    """The metric ``[B]`` of a run with ``deltas`` (only the answer rows are unembedded)."""
+    rows, _ = edge_forward(config, params, tokens, deltas, embed, ctx.get("attention_mask"), rows=ctx["answer_pos"])
     return _metrics.compute_ctx(names, rows, ctx)[0]
 
 
@@ -177,7 +180,7 @@ def _eap_core(config, params, run_tokens, src_tokens, ctx, *, names, ig_steps):
     diff = _up_stack(src_out) - _up_stack(run_out)  # [U, B, T, D]
 
     def grads_at(embed):
-        f = lambda d: jnp.sum(_metric(names, edge_forward(config, params, run_tokens, d, embed, ctx.get("attention_mask"))[0], ctx))  # noqa: E731
+        f = lambda d: jnp.sum(_metric_of(names, config, params, run_tokens, d, ctx, embed))  # noqa: E731
         return jax.grad(f)(zeros)
 
     if ig_steps is None:
@@ -286,11 +289,11 @@ def _exact_core(config, params, run_tokens, src_tokens, ctx, up_idx, down_idx, *
     _, run_out = edge_forward(config, params, run_tokens, zeros, attention_mask=ctx.get("attention_mask"))
     _, src_out = edge_forward(config, params, src_tokens, zeros, attention_mask=ctx.get("attention_mask"))
     diff = _up_stack(src_out) - _up_stack(run_out)
-    m_run = _metric(names, edge_forward(config, params, run_tokens, zeros, attention_mask=ctx.get("attention_mask"))[0], ctx)
+    m_run = _metric_of(names, config, params, run_tokens, zeros, ctx)
 
     def one(u, v):
         d = _deltas_at(config, v, diff[u])  # out_u[src] - out_u[run], added to downstream input v alone
-        return _metric(names, edge_forward(config, params, run_tokens, d, attention_mask=ctx.get("attention_mask"))[0], ctx) - m_run
+        return _metric_of(names, config, params, run_tokens, d, ctx) - m_run
 
     return jax.lax.map(lambda uv: one(*uv), (up_idx, down_idx))
 

@@ -69,12 +69,6 @@ def setup(model: HookedModel, clean_tokens, corrupt_tokens, metrics, answer, wro
     return static, clean, corrupt, ctx
 
 
-def metric_rows(names, logits, ctx):
-    """Metrics ``[M, B]`` of full logits ``[B, T, V]`` at each prompt's answer position."""
-    rows = jnp.take_along_axis(logits, ctx["answer_pos"][:, None, None], axis=1)[:, 0]
-    return _metrics.compute_ctx(names, rows, ctx)
-
-
 def baselines(model, names, clean, corrupt, ctx):
     """``(m_clean [M, B], m_corrupt [M, B], gap_floor)`` of the unpatched runs."""
     rows = [jnp.take_along_axis(model(t, attention_mask=ctx.get("attention_mask")), ctx["answer_pos"][:, None, None],

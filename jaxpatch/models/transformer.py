@@ -349,13 +349,21 @@ def head_writes(config: ModelConfig, params: Params, caps):
     return ((rf / scale.astype(rf.dtype)) * w.astype(rf.dtype)).astype(result.dtype)
 
 
-def unembed(config: ModelConfig, params: Params, x, hs: SiteHandler):
-    """Final norm and unembedding: ``[B, T, D] -> [B, T, V]`` logits."""
+def unembed(config: ModelConfig, params: Params, x, hs: SiteHandler, rows=None):
+    """Final norm and unembedding: ``[B, T, D] -> [B, T, V]`` logits.
+
+    ``rows`` (int ``[B]``, optional): unembed only position ``rows[b]`` of prompt ``b`` ->
+    ``[B, V]``. The final norm (and its hook sites) still covers every position; only the
+    vocabulary matmul, most of the unembedding's cost, is restricted."""
     h = _norm(config, x, params["ln_f_w"], params.get("ln_f_b"), hs, "ln_final")
     w_u = params["W_U"] if "W_U" in params else params["W_E"].T
-    logits = jnp.einsum("BTD,DV->BTV", h, w_u)
+    if rows is None:
+        logits = jnp.einsum("BTD,DV->BTV", h, w_u)
+    else:
+        h = jnp.take_along_axis(h, jnp.reshape(rows, (-1, 1, 1)), axis=1)[:, 0]  # [B, D]
+        logits = jnp.einsum("BD,DV->BV", h, w_u)
     if config.unembed_bias:
-        logits = logits + lift(params["b_U"], 3)
+        logits = logits + lift(params["b_U"], logits.ndim)
     return _softcap(logits, config.final_softcap)
 
 
@@ -414,7 +422,7 @@ def run_blocks(config: ModelConfig, blocks: Params, x, run_ctx, ivs: Interventio
 
 
 def forward(config: ModelConfig, params: Params, tokens, interventions: Interventions | None = None,
-            capture: frozenset = frozenset(), attention_mask=None, remat: bool = False):
+            capture: frozenset = frozenset(), attention_mask=None, remat: bool = False, rows=None):
     """The whole model as a pure function.
 
     Args:
@@ -425,16 +433,20 @@ def forward(config: ModelConfig, params: Params, tokens, interventions: Interven
         capture: canonical site names whose activations to return.
         attention_mask: optional ``[B, T]`` (1 = real token, 0 = padding).
         remat: recompute each block in a gradient's backward pass (see :func:`run_blocks`).
+        rows: optional int ``[B]``: the logits of position ``rows[b]`` of each prompt only
+            (``[B, V]``; a metric that reads the answer position needs no other row, and the
+            unembedding of the rest is most of its cost). Captures are unchanged.
 
     Returns:
-        ``(logits [B, T, V], captures)``; per-layer captures are stacked ``[L, ...]``.
+        ``(logits [B, T, V], captures)`` (``[B, V]`` with ``rows``); per-layer captures are
+        stacked ``[L, ...]``.
     """
     ivs = NONE if interventions is None else interventions
     run_ctx = run_context(config, tokens, attention_mask)
     hs = SiteHandler(ivs, capture)
     x = embed(config, params, tokens, hs, run_ctx["positions"])
     x, block_caps = run_blocks(config, params["blocks"], x, run_ctx, ivs, capture, remat)
-    logits = unembed(config, params, x, hs)
+    logits = unembed(config, params, x, hs, rows)
     return logits, {**hs.captured, **block_caps}
 
 
