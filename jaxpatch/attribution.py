@@ -322,6 +322,29 @@ def _target(site, by, model) -> Target:
     return Target(c, axes)
 
 
+#: Programs compiled by :func:`_plan_remat` (a budgeted call compiles its candidates itself, and
+#: jit's cache does not hold them), keyed by everything the program depends on; most recent last.
+_PLANNED: dict = {}
+_PLANNED_MAX = 8
+
+
+def _signature(tree):
+    """What a compiled program depends on in its arguments: structure, shapes, dtypes, shardings."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, tuple((jnp.shape(x), jnp.result_type(x), getattr(x, "sharding", None)) for x in leaves)
+
+
+def _compiled_for(key, build):
+    """``build()``'s compiled program, from :data:`_PLANNED` when the same ``key`` was built."""
+    if key in _PLANNED:
+        _PLANNED[key] = _PLANNED.pop(key)  # most recent last
+        return _PLANNED[key]
+    out = _PLANNED[key] = build()
+    while len(_PLANNED) > _PLANNED_MAX:
+        _PLANNED.pop(next(iter(_PLANNED)))
+    return out
+
+
 def _plan_remat(remat, memory_budget, params, compile_with):
     """``(remat, compiled program or None, info)`` for :func:`attribution_patch`'s ``remat=`` and
     ``memory_budget=`` (see there): with a budget, each candidate (``False`` first, then
@@ -485,11 +508,12 @@ def attribution_patch(
         run_tokens, src_tokens = run_tokens[share], src_tokens[share]
         ctx = {k: (v if k == "metric_consts" else v[share]) for k, v in ctx.items()}
     static = dict(sites=sites, names=names, targets=tuple(tlist), method=method, denoise=direction == "denoise")
-    remat, compiled, plan = _plan_remat(remat, memory_budget, model.params,
-                                        lambda r: _atp_core.lower(cfg, model.params, run_tokens, src_tokens, ctx, **static,
-                                                                  remat=r).compile())
+    args = (model.params, run_tokens, src_tokens, ctx)
+    key = (cfg, tuple(static.items()), _signature(args))
+    remat, compiled, plan = _plan_remat(remat, memory_budget, model.params, lambda r: _compiled_for(
+        key + (r,), lambda: _atp_core.lower(cfg, *args, **static, remat=r).compile()))
     if compiled is not None:  # the planned program itself (jit's cache does not hold it)
-        m_run, m_src, ests = compiled(model.params, run_tokens, src_tokens, ctx)
+        m_run, m_src, ests = compiled(*args)
     else:
         m_run, m_src, ests = _atp_core(cfg, model.params, run_tokens, src_tokens, ctx, **static, remat=remat)
     if spread:
