@@ -661,8 +661,9 @@ def run(
     memory_budget: int | str | None = None,
     same_before: int = 0,
     skip: bool = True,
-) -> jax.Array:
-    """Run every patch of ``sweep``: ``(metric values [P, M, B] in the sweep's order, Plan)``.
+) -> tuple[np.ndarray, Plan]:
+    """Run every patch of ``sweep``: ``(metric values [P, M, B] in the sweep's order (numpy, on
+    the host), Plan)``.
 
     Args:
         run_cache: the run being patched: ``resid`` (``blocks.hook_resid_pre``), ``k``, ``v``
@@ -789,16 +790,17 @@ def run(
         out = _run_with_bar(core, idx, pl.chunk_start, pl.chunk_bucket, config.n_layers, unit, f"sweep {sweep.site}")
     else:
         out = core(idx, jnp.asarray(pl.chunk_start), jnp.asarray(pl.chunk_bucket))
-    vals, finite = out
+    # One host transfer after the whole sweep (never per patch); what follows is numpy, so it
+    # compiles nothing (each eager jax op on a new shape would compile a small program).
+    vals, finite = np.asarray(out[0]), np.asarray(out[1])
     vals = vals.reshape((n_chunks * pl.chunk,) + vals.shape[2:])
-    # Undo the execution order on device: position i ran patch order[i].
+    # Undo the execution order: position i ran patch order[i].
     inv = np.empty(sweep.size, np.int64)
     inv[pl.order[: sweep.size]] = np.arange(sweep.size)
-    inv = jnp.asarray(inv)
     vals = vals[inv]
-    # One [P] bool transfer after the whole sweep (never per patch): a NaN/inf in a patched run
-    # is reported with the patch that produced it instead of flowing into tables and plots.
-    ok = np.asarray(finite.reshape(-1)[inv] & jnp.all(jnp.isfinite(vals), axis=tuple(range(1, vals.ndim))))
+    # A NaN/inf in a patched run is reported with the patch that produced it instead of flowing
+    # into tables and plots.
+    ok = finite.reshape(-1)[inv] & np.all(np.isfinite(vals), axis=tuple(range(1, vals.ndim)))
     at = None if rep is None else int(np.searchsorted(ran, rep))
     bad = np.flatnonzero(~ok)
     if (bad != at).any():
@@ -807,8 +809,9 @@ def run(
         return vals, pl
     if not ok[at]:
         raise_nonfinite(full_sweep, np.flatnonzero(noop | dead), unpatched=True)
-    out = jnp.broadcast_to(vals[at], (full_sweep.size,) + vals.shape[1:])
-    return out.at[jnp.asarray(ran)].set(vals), pl
+    out = np.array(np.broadcast_to(vals[at], (full_sweep.size,) + vals.shape[1:]))
+    out[ran] = vals
+    return out, pl
 
 
 def _unembed_group(metric, batch: int, n_pos: int, chunk: int, mesh, n_patches: int) -> int:

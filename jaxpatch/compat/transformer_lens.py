@@ -91,7 +91,7 @@ def generic_activation_patch(model: HookedModel, corrupted_tokens, clean_cache: 
         _sweep.run_cache(model.config, caps, tokens, mask),
         source, True, metric, {"metric_consts": consts}, T, same_before=same_before, **engine_kw,
     )
-    return out.reshape(spec.grid_shape)
+    return jnp.asarray(out.reshape(spec.grid_shape))  # a jax array, as TransformerLens returns a torch tensor
 
 
 def _make(site, axes, doc_shape):
