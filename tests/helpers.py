@@ -85,3 +85,76 @@ corrupt = rng.integers(0, 50, (3, 8)).astype(np.int32)
 KW = dict(site="resid_pre", answer=clean[:, -1], wrong=corrupt[:, -1], chunk_size=1, position_buckets=1,
           metrics=("logit_diff", "kl"))
 """
+
+
+# Two local processes of one multi-host job (tests/test_multihost*.py): each child gets argv =
+# process id, coordinator port, then the caller's arguments, and prints "CHILD DONE" at its end.
+#: A child's start: join the 2-process job (2 CPU devices each), then the sweep above.
+CHILD_PREAMBLE = """
+import os, sys
+pid, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+import jax
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
+                           initialization_timeout=120)
+assert (jax.device_count(), jax.local_device_count(), jax.process_count()) == (4, 2, 2)
+""" + CHILD_SWEEP_SETUP
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_process_env(**extra: str) -> dict:
+    """The children's environment: 2 CPU devices each (the test process's 8 are not inherited)."""
+    import os
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu", **extra}
+    env.pop("PYTEST_CURRENT_TEST", None)
+    return env
+
+
+def child_env(tmp_path, model) -> dict:
+    """:func:`two_process_env` with ``model``'s weights in a file, read by ``load_model`` of
+    :data:`CHILD_SWEEP_SETUP` (random init in each child would be dozens of small compiles)."""
+    import jax
+
+    flat = jax.tree_util.tree_flatten_with_path(model.params)[0]
+    np.savez(tmp_path / "w.npz", **{"/".join(k.key for k in kp): np.asarray(v) for kp, v in flat})
+    return two_process_env(JAXPATCH_TEST_WEIGHTS=str(tmp_path / "w.npz"))
+
+
+def start_two(code: str, *args, env: dict) -> list:
+    """Start ``code`` as processes 0 and 1 of one job (``python -c code pid port *args``), in the
+    repository root."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    port = free_port()
+    root = Path(__file__).resolve().parent.parent
+    return [subprocess.Popen([sys.executable, "-c", code, str(i), str(port), *map(str, args)], cwd=root, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+
+def run_two(code: str, *args, env: dict, timeout: float = 300) -> list[tuple[int, str, str]]:
+    """Run ``code`` as processes 0 and 1 of one job; each must finish within ``timeout`` seconds
+    (both are killed otherwise), exit 0 and print "CHILD DONE". Returns ``(returncode, stdout,
+    stderr)`` per process."""
+    procs = start_two(code, *args, env=env)
+    logs = []
+    try:
+        for p in procs:
+            o, e = p.communicate(timeout=timeout)
+            logs.append((p.returncode, o, e))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for i, (rc, o, e) in enumerate(logs):
+        assert rc == 0 and "CHILD DONE" in o, f"process {i}: rc={rc}\n{o[-2000:]}\n{e[-4000:]}"
+    return logs

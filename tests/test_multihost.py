@@ -8,32 +8,17 @@ tests/test_multihost_gather.py)."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
 
 import jaxpatch
-from tests.helpers import CHILD_SWEEP_SETUP, rel_err
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import CHILD_PREAMBLE, CHILD_SWEEP_SETUP, child_env, rel_err, run_two
 
 SETUP = CHILD_SWEEP_SETUP
 
-CHILD = """
-import os, sys
-pid, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-import jax
-jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
-                           initialization_timeout=120)
-""" + SETUP + """
+CHILD = CHILD_PREAMBLE + """
 from jaxpatch import resume, sweep
-assert (jax.device_count(), jax.local_device_count(), jax.process_count()) == (4, 2, 2)
 assert sweep.default_mesh().size == 4
 plain = jaxpatch.activation_patch(model, clean, corrupt, progress=False, **KW)
 ckpt = os.path.join(out, "ckpt")
@@ -55,35 +40,11 @@ print("CHILD DONE", flush=True)
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_equal_one_process_bitwise(tmp_path):
     ns: dict = {}
     exec(SETUP, ns)
-    flat = jax.tree_util.tree_flatten_with_path(ns["model"].params)[0]
-    np.savez(tmp_path / "w.npz", **{"/".join(k.key for k in kp): np.asarray(v) for kp, v in flat})
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-           "JAXPATCH_TEST_WEIGHTS": str(tmp_path / "w.npz")}
-    env.pop("PYTEST_CURRENT_TEST", None)
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(i), str(port), str(tmp_path)], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    logs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=240)
-            logs.append((p.returncode, out, err))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, (rc, out, err) in enumerate(logs):
-        assert rc == 0 and "CHILD DONE" in out, f"process {i}: rc={rc}\n{out[-2000:]}\n{err[-4000:]}"
+    logs = run_two(CHILD, tmp_path, env=child_env(tmp_path, ns["model"]), timeout=240)
 
     ref = jaxpatch.activation_patch(ns["model"], ns["clean"], ns["corrupt"], mesh=None, **ns["KW"]).per_prompt
     atp = jaxpatch.attribution_patch(ns["model"], ns["clean"], ns["corrupt"], site="z", method="atp",

@@ -16,12 +16,6 @@ processes x 2 CPU devices each (gloo), a ("sweep", "model") mesh over all 4 devi
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
@@ -31,8 +25,8 @@ import jaxpatch
 from jaxpatch import circuits, edges, multihost
 from jaxpatch import partitioning as pt
 from jaxpatch.config import ModelConfig
+from tests.helpers import run_two, two_process_env
 
-ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-5  # float32: sharded matmuls sum in another order (relative to the largest value)
 
 LLAMA = ModelConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_head=8, d_mlp=64, d_vocab=48, n_ctx=16,
@@ -112,12 +106,6 @@ print("CHILD DONE", flush=True)
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_weights_sharded_across_processes_equal_one_device(tmp_path):
     ns: dict = {}
@@ -125,22 +113,8 @@ def test_weights_sharded_across_processes_equal_one_device(tmp_path):
     model = jaxpatch.HookedModel.from_config(LLAMA, seed=1)
     model.params = jax.tree_util.tree_map(lambda a: a * 3.0 if a.ndim >= 2 else a, model.params)  # larger effects
     ckpt = jaxpatch.save_pretrained(model, tmp_path / "llama")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    env.pop("PYTEST_CURRENT_TEST", None)
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(i), str(port), str(tmp_path), str(ckpt)], cwd=ROOT,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    logs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=900)  # ~140 s alone; CI runs other test files beside it
-            logs.append((p.returncode, out, err))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, (rc, out, err) in enumerate(logs):
-        assert rc == 0 and "CHILD DONE" in out, f"process {i}: rc={rc}\n{out[-2000:]}\n{err[-4000:]}"
+    # ~140 s alone; CI runs other test files beside it
+    run_two(CHILD, tmp_path, ckpt, env=two_process_env(), timeout=900)
 
     loaded = jaxpatch.load_pretrained(ckpt)
     ref = ns["values"](ns["calls"](loaded, None, ))

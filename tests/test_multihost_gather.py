@@ -16,30 +16,12 @@ devices each, joined by ``jax.distributed.initialize`` (gloo collectives).
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
-import jax
 import numpy as np
 import pytest
 
 import jaxpatch
-from tests.helpers import CHILD_SWEEP_SETUP, rel_err
-
-ROOT = Path(__file__).resolve().parent.parent
-
-#: A child process of a 2-process run: argv = process id, coordinator port, output directory.
-PREAMBLE = """
-import os, sys
-pid, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-import jax
-jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
-                           initialization_timeout=120)
-assert (jax.device_count(), jax.local_device_count(), jax.process_count()) == (4, 2, 2)
-""" + CHILD_SWEEP_SETUP
+from tests.helpers import CHILD_PREAMBLE as PREAMBLE
+from tests.helpers import CHILD_SWEEP_SETUP, child_env, rel_err, run_two
 
 EDGES = [("embed", "L1H0.q"), ("L0H1", "logits"), ("MLP0", "MLP1.in"), ("L0H2", "L1H3.v")]
 
@@ -131,48 +113,6 @@ print("CHILD DONE", flush=True)
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def child_env(tmp_path, model) -> dict:
-    """The children's environment: 2 CPU devices each, and ``model``'s weights in a file (random
-    init in each child would be dozens of small compiles)."""
-    flat = jax.tree_util.tree_flatten_with_path(model.params)[0]
-    np.savez(tmp_path / "w.npz", **{"/".join(k.key for k in kp): np.asarray(v) for kp, v in flat})
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-           "JAXPATCH_TEST_WEIGHTS": str(tmp_path / "w.npz")}
-    env.pop("PYTEST_CURRENT_TEST", None)
-    return env
-
-
-def start_two(code: str, out, env) -> list[subprocess.Popen]:
-    port = free_port()
-    return [subprocess.Popen([sys.executable, "-c", code, str(i), str(port), str(out)], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-
-
-def run_two(code: str, out, env, timeout: float = 300) -> list[tuple[int, str, str]]:
-    """Run ``code`` as processes 0 and 1 of one job; each must finish within ``timeout`` seconds
-    (both are killed otherwise). Returns ``(returncode, stdout, stderr)`` per process."""
-    procs = start_two(code, out, env)
-    logs = []
-    try:
-        for p in procs:
-            o, e = p.communicate(timeout=timeout)
-            logs.append((p.returncode, o, e))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    for i, (rc, o, e) in enumerate(logs):
-        assert rc == 0 and "CHILD DONE" in o, f"process {i}: rc={rc}\n{o[-2000:]}\n{e[-4000:]}"
-    return logs
-
-
 @pytest.fixture(scope="module")
 def ns():
     d: dict = {}
@@ -182,7 +122,7 @@ def ns():
 
 @pytest.mark.slow
 def test_gather_to_process0_and_everywhere_across_two_processes(tmp_path, ns):
-    run_two(CHILD, tmp_path, child_env(tmp_path, ns["model"]))
+    run_two(CHILD, tmp_path, env=child_env(tmp_path, ns["model"]))
     model, clean, corrupt, KW = ns["model"], ns["clean"], ns["corrupt"], ns["KW"]
     ans = {"answer": KW["answer"], "wrong": KW["wrong"]}
     ref = {"sweep": jaxpatch.activation_patch(model, clean, corrupt, mesh=None, **KW).per_prompt,

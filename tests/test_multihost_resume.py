@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import jaxpatch
-from tests.helpers import CHILD_SWEEP_SETUP
-from tests.test_multihost_gather import PREAMBLE, child_env, run_two, start_two
+from tests.helpers import CHILD_PREAMBLE as PREAMBLE
+from tests.helpers import CHILD_SWEEP_SETUP, child_env, run_two, start_two
 
 SWEEP = """
 KW["progress"] = False
@@ -57,7 +57,7 @@ def test_two_processes_killed_mid_sweep_resume_bitwise(tmp_path):
     ns: dict = {}
     exec(CHILD_SWEEP_SETUP, ns)  # noqa: S102 (the sweep the children run)
     env = child_env(tmp_path, ns["model"])
-    procs = start_two(KILLED, tmp_path, env)
+    procs = start_two(KILLED, tmp_path, env=env)
     try:
         deadline = time.monotonic() + 300  # both processes past their first saved group, within 5 minutes
         while not all((tmp_path / f"saved{i}").exists() for i in range(2)):
@@ -80,7 +80,7 @@ def test_two_processes_killed_mid_sweep_resume_bitwise(tmp_path):
     assert _groups(tmp_path / "ckpt") == GROUPS[:1]
     assert (tmp_path / "ckpt" / "manifest.json").is_file()
 
-    run_two(RERUN, tmp_path, env)
+    run_two(RERUN, tmp_path, env=env)
     ref = jaxpatch.activation_patch(ns["model"], ns["clean"], ns["corrupt"], mesh=None, **ns["KW"]).per_prompt
     for i in range(2):
         z = np.load(tmp_path / f"p{i}.npz")
