@@ -165,9 +165,13 @@ def _deltas_at(config: ModelConfig, v, dx):
             "v": jnp.moveaxis(per_layer[:, N + K:N + 2 * K], 1, 3), "mlp": per_layer[:, N + 2 * K], "logits": flat[-1]}
 
 
-def _metric_of(names, config, params, tokens, deltas, ctx, embed=None):
-    """The metric ``[B]`` of a run with ``deltas`` (only the answer rows are unembedded)."""
-    rows, _ = edge_forward(config, params, tokens, deltas, embed, ctx.get("attention_mask"), rows=ctx["answer_pos"])
+def _metric_of(names, config, params, tokens, deltas, ctx, embed=None, every_row=False):
+    """The metric ``[B]`` of a run with ``deltas``: only the answer rows are unembedded, or with
+    ``every_row`` (the plain computation, kept by the slow twin :func:`_exact_core`) every
+    position is, and the answer rows are taken from the full logits."""
+    apos = ctx["answer_pos"]
+    out, _ = edge_forward(config, params, tokens, deltas, embed, ctx.get("attention_mask"), rows=None if every_row else apos)
+    rows = jnp.take_along_axis(out, apos[:, None, None], axis=1)[:, 0] if every_row else out
     return _metrics.compute_ctx(names, rows, ctx)[0]
 
 
@@ -289,11 +293,11 @@ def _exact_core(config, params, run_tokens, src_tokens, ctx, up_idx, down_idx, *
     _, run_out = edge_forward(config, params, run_tokens, zeros, attention_mask=ctx.get("attention_mask"))
     _, src_out = edge_forward(config, params, src_tokens, zeros, attention_mask=ctx.get("attention_mask"))
     diff = _up_stack(src_out) - _up_stack(run_out)
-    m_run = _metric_of(names, config, params, run_tokens, zeros, ctx)
+    m_run = _metric_of(names, config, params, run_tokens, zeros, ctx, every_row=True)
 
     def one(u, v):
         d = _deltas_at(config, v, diff[u])  # out_u[src] - out_u[run], added to downstream input v alone
-        return _metric_of(names, config, params, run_tokens, d, ctx) - m_run
+        return _metric_of(names, config, params, run_tokens, d, ctx, every_row=True) - m_run
 
     return jax.lax.map(lambda uv: one(*uv), (up_idx, down_idx))
 

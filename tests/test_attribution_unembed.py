@@ -48,7 +48,7 @@ def _setup(name):
 
 
 _FORWARD = models.forward
-_CORES = {(at, "_atp_core"): at._atp_core, (edges, "_eap_core"): edges._eap_core, (edges, "_exact_core"): edges._exact_core}
+_CORES = {(at, "_atp_core"): at._atp_core, (edges, "_eap_core"): edges._eap_core}
 
 
 def _all_rows_forward(*a, rows=None, **k):
