@@ -84,6 +84,16 @@ def _patch_flops(c, start: int, first: int, B: int, T: int, R: int, full_last: b
 def executed_flops(c, pl: sw.Plan, B: int, T: int, R: int, unembed_cols: int) -> int:
     nb = len(pl.offsets)
     total = 0
+    if pl.packed:  # a chunk: pl.packed rows per prompt, pl.chunk patches' read rows (jaxpatch.packed)
+        row, kv = _row_flops(c, T + pl.packed)
+        for start, bucket in zip(pl.chunk_start, pl.chunk_bucket):
+            if start >= c.n_layers:
+                continue
+            rows = B * pl.packed
+            body = (c.n_layers - 1 - int(start)) * rows * row
+            last = rows * row if bucket else rows * kv + pl.chunk * B * R * (row - kv)
+            total += body + last + pl.chunk * B * R * 2 * c.d_model * unembed_cols
+        return total
     for start, bucket in zip(pl.chunk_start, pl.chunk_bucket):
         total += pl.chunk * _patch_flops(c, int(start), pl.offsets[bucket % nb], B, T, R, bucket >= nb, unembed_cols)
     return total
@@ -93,6 +103,14 @@ def live_minimum_flops(c, spec: sw.Sweep, live, same_before: int, B: int, T: int
     layer = np.asarray(spec.index["layer"])
     first = sw._first_pos(spec, same_before)
     return sum(_patch_flops(c, int(layer[i]), int(first[i]), B, T, R, False, unembed_cols) for i in live)
+
+
+def _chunk_cell(pl) -> str:
+    """``4/4b``: 4 patches per vectorised chunk, 4 position buckets; ``18/96r``: a packed chunk of at
+    most 18 patches in 96 rows per prompt."""
+    if pl is None:
+        return "-"
+    return f"{pl.chunk}/{pl.packed}r" if pl.packed else f"{pl.chunk}/{len(pl.offsets)}b"
 
 
 def ceiling(c, rows: int, runs: int = 5) -> float:
@@ -182,7 +200,8 @@ def bench_setting(name, setting, trio, config, batch, pos, sweeps, runs, args, r
         same_before = pl.same_before if pl is not None else pos
         minimum = live_minimum_flops(config, spec, live, same_before, batch, pos, 1, config.d_vocab)
         executed = executed_flops(config, pl, batch, pos, 1, config.d_vocab) if pl is not None else 0
-        rpm = pl.chunk * batch * pos if pl is not None else batch * pos
+        # token rows per matmul: a vectorised chunk's patches x prompts x positions; a packed chunk's rows x prompts
+        rpm = (pl.packed * batch if pl.packed else pl.chunk * batch * pos) if pl is not None else batch * pos
         if rpm not in ceilings:
             ceilings[rpm] = ceiling(config, rpm, runs=3 if args.smoke else 7)
         ceil = ceilings[rpm]
@@ -193,13 +212,14 @@ def bench_setting(name, setting, trio, config, batch, pos, sweeps, runs, args, r
                "speed-up": f"{tl_s / warm['median']:.1f}x", "first-call speed-up": f"{tl_s / first_s:.1f}x",
                "compile s": f"{first_s - warm['median']:.2f}", "live-min GFLOP": f"{minimum / 1e9:.1f}",
                "exec/min": f"{executed / max(minimum, 1):.2f}", "GFLOP/s": f"{rate:.0f}", "ceiling GFLOP/s": f"{ceil:.0f}",
-               "of ceiling": f"{rate / ceil:.0%}", "chunk": f"{pl.chunk if pl else '-'}/{len(pl.offsets) if pl else '-'}b",
+               "of ceiling": f"{rate / ceil:.0%}", "chunk": _chunk_cell(pl),
                "max |Δ| vs TL": f"{err:.1e}"}
         rows.append(row)
         rec = {"model": name, "setting": setting, "sweep": sweep, "patches": P, "live": int(len(live)), "tl_s": tl_s,
                "tl_extrapolated": extrapolated, "tl_sampled": int(len(ids)), "jaxpatch_s": warm["median"],
                "jaxpatch_first_s": first_s, "executed_flops": executed, "live_min_flops": minimum,
-               "tl_flops": P * fwd_flops, "ceiling_gflops": ceil, "chunk": pl.chunk if pl else None, "max_err_vs_tl": err}
+               "tl_flops": P * fwd_flops, "ceiling_gflops": ceil, "chunk": pl.chunk if pl else None, "packed_rows": pl.packed if pl else None,
+               "max_err_vs_tl": err}
         if args.native:
             kw = dict(site=short, by=axes, answer=ans, wrong=wrong, metrics=("logit_diff",))
             jax.clear_caches()

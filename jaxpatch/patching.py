@@ -169,6 +169,7 @@ def activation_patch(
     memory_budget: int | str | None = None,
     gather: str = "all",
     skip: bool = True,
+    pack: bool | str = "auto",
 ) -> PatchResult | None:
     """Patch every component of a sweep and measure several metrics, in one compiled program.
 
@@ -232,6 +233,10 @@ def activation_patch(
             unpatched run's metric without a forward of their own (one of them, the cheapest,
             runs to supply it; exact; ``info["skipped_noop"]``,
             ``info["skipped_dead"]``). ``False`` runs every patch.
+        pack: lay each chunk's patches end to end on one row axis, each recomputing only the
+            positions it can change (see :mod:`jaxpatch.packed`; ``info["packed_rows"]``).
+            ``"auto"`` (default) packs by-position sweeps when that executes less and no
+            ``chunk_size`` is given; ``True`` requires it; ``False`` runs vectorised chunks.
 
     Returns:
         a :class:`PatchResult` (``None`` on processes other than 0 under ``gather="process0"``).
@@ -244,7 +249,7 @@ def activation_patch(
     gather = _multihost.check_gather(gather)
     if not isinstance(model, HookedModel):  # a Flax / Equinox / plain-JAX model: jaxpatch.byo's engine
         kw = dict(locals())
-        del kw["gather"], kw["skip"]  # byo sweeps run every patch (skipping is an exact shortcut only)
+        del kw["gather"], kw["skip"], kw["pack"]  # byo sweeps run every patch (skipping is an exact shortcut only)
         res = _byo.activation_patch(**kw)
         return res if _multihost.keeps_result(gather) else None
     if direction not in DIRECTIONS:
@@ -370,7 +375,7 @@ def activation_patch(
         out, pl = _sweep.run(cfg, model.params, spec, run_cache, source, src_stacked, static_names, ctx, T,
                              run_ivs=run_ivs, chunk_size=chunk_size, mesh=mesh, position_buckets=position_buckets,
                              progress=progress, checkpoint=checkpoint, memory_budget=memory_budget,
-                             same_before=same_before, skip=skip)
+                             same_before=same_before, skip=skip, pack=pack)
     if not _multihost.keeps_result(gather):  # gather="process0" on another process: it holds zeros, not the result
         return None
     out = np.asarray(out)  # [P, M, rep*B]: the one host transfer
@@ -394,7 +399,8 @@ def activation_patch(
             "gap_floor": _metrics.gap_floor([clean_rows, None if corrupt_logits is None else rows(corrupt_logits)],
                                             clean_rows.dtype),
             "executed_rows": _sweep.executed_rows(pl, cfg.n_layers, T), "minimal_rows": _sweep.minimal_rows(spec, cfg.n_layers, T, pl.same_before, pl.live),
-            "skipped_noop": pl.n_noop, "skipped_dead": pl.n_dead, "same_before": pl.same_before}
+            "skipped_noop": pl.n_noop, "skipped_dead": pl.n_dead, "same_before": pl.same_before,
+            "packed_rows": pl.packed}
     return PatchResult(c, direction, baseline, tuple(_metrics.name_of(n) for n in names), axes, labels, per, mc, mk, info)
 
 

@@ -38,6 +38,7 @@ from ._errors import InputError, JaxpatchError, NonFiniteError
 from .config import ModelConfig
 from .interventions import ALL, NONE, Edit, Interventions
 from . import models
+from . import packed as _packed
 from .sites import SITES, check_available
 from .user_metric import TracedMetric
 
@@ -188,6 +189,9 @@ class Plan:
     same_before: int = 0  # positions < this are identical in the run and the source
     live: np.ndarray | None = None  # the patches run (ids into the whole sweep); None: all of them
     unit: int = 1  # chunks come in multiples of this (devices x unembedding group)
+    packed: int = 0  # packed rows per prompt per chunk (see jaxpatch.packed); 0: vectorised chunks
+    slot_of: np.ndarray | None = None  # packed: each patch's slot (index into order); None: slot i runs order[i]
+    first: np.ndarray | None = None  # packed: each slot's first position (n_pos: an empty slot)
 
 
 def _pos_key(sweep: Sweep) -> np.ndarray:
@@ -260,6 +264,31 @@ def plan(sweep: Sweep, n_layers: int, n_pos: int, max_offset: int, chunk: int, n
     return Plan(padded, chunk_start, chunk_bucket, offsets, chunk, n, same_before=same_before)
 
 
+def plan_packed(sweep: Sweep, n_layers: int, n_pos: int, max_offset: int, batch: int, n_dev: int = 1,
+                same_before: int = 0, full_last: bool = False) -> Plan:
+    """A packed plan (see :mod:`jaxpatch.packed`): chunks of at most ``slots`` patches whose
+    suffixes fill at most ``rows`` rows (both chosen by :func:`jaxpatch.packed.choose`);
+    ``chunk_bucket`` is 1 where a chunk edits the last layer (or ``full_last``), else 0."""
+    n = sweep.size
+    layer = np.asarray(sweep.index["layer"])
+    first = _packed.first_positions(_first_pos(sweep, same_before), max_offset)
+    rows, slots, bins = _packed.choose(layer, first, n_pos, batch)
+    n_chunks = _packed.n_chunks_for(len(bins), n_dev, _round_chunks)
+    order = np.zeros(n_chunks * slots, np.int32)
+    slot_first = np.full(n_chunks * slots, n_pos, np.int32)
+    slot_of = np.empty(n, np.int64)
+    chunk_start = np.full(n_chunks, n_layers, np.int32)  # chunks past the bins: padding, run no layer
+    chunk_bucket = np.zeros(n_chunks, np.int32)
+    for c, ids in enumerate(bins):
+        at = c * slots + np.arange(ids.size)
+        order[at], slot_first[at], slot_of[ids] = ids, first[ids], at
+        order[c * slots + ids.size : (c + 1) * slots] = ids[-1]  # empty slots: no rows, no edit
+        chunk_start[c] = layer[ids].min()
+        chunk_bucket[c] = int(full_last or layer[ids].max() == n_layers - 1)
+    return Plan(order, chunk_start, chunk_bucket, (0,), slots, n, same_before=same_before, packed=rows,
+                slot_of=slot_of, first=slot_first)
+
+
 #: Rough costs used by :func:`auto_buckets`: seconds to compile one more bucket branch, and a
 #: conservative sustained FLOP rate. Only the ratio matters; measured on a 2-core CPU.
 BUCKET_COMPILE_S = 0.6
@@ -295,7 +324,10 @@ def default_chunk_size(sweep: Sweep, batch: int, n_pos: int, position_buckets: i
 
 
 def executed_rows(p: Plan, n_layers: int, n_pos: int) -> int:
-    """Block-row evaluations the plan executes: patches x layers run x positions recomputed."""
+    """Block-row evaluations the plan executes: patches x layers run x positions recomputed (packed:
+    rows per chunk x layers run)."""
+    if p.packed:
+        return _packed.executed_rows(p.chunk_start, p.packed, n_layers)
     offs = np.asarray(p.offsets)[p.chunk_bucket % len(p.offsets)]
     return int(np.sum(p.chunk * np.maximum(n_layers - p.chunk_start, 0) * (n_pos - offs)))
 
@@ -456,8 +488,11 @@ def _finish(config, params, rows, metric, ctx, n_pos: int):
 MATMUL_MAJOR = True
 
 
-def _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_stacked, offsets, metric, n_pos):
+def _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_stacked, offsets, metric, n_pos, packed=0):
     blocks = models.matmul_major_blocks(params["blocks"]) if MATMUL_MAJOR else params["blocks"]
+    if packed:
+        return _packed.chunk_fn(config, blocks, cache, source, source_stacked, ctx, site, n_pos, packed,
+                                metric.first_pos if isinstance(metric, CustomMetric) else None)
 
     def make_branch(s):
         def one(ix, start, full):
@@ -564,17 +599,18 @@ def _run_with_bar(core, idx, chunk_start, chunk_bucket, n_layers: int, n_dev: in
 
 
 @partial(jax.jit, static_argnames=("config", "site", "paired", "source_stacked", "offsets", "metric", "n_pos", "mesh",
-                                   "group"))
+                                   "group", "packed"))
 def _core(config, params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_bucket, *, site, paired,
-          source_stacked, offsets, metric, n_pos, mesh, group=1):
-    """``idx``: site-axis -> ``[n_chunks, chunk(, K)]``. Returns the metric values
-    ``[n_chunks, chunk, M, B]`` and whether each patched run's logits were all finite
-    ``[n_chunks, chunk]``."""
+          source_stacked, offsets, metric, n_pos, mesh, group=1, packed=0):
+    """``idx``: site-axis -> ``[n_chunks, chunk(, K)]`` (packed: plus ``"_first"``, see
+    :mod:`jaxpatch.packed`). Returns the metric values ``[n_chunks, chunk, M, B]`` and whether
+    each patched run's logits were all finite ``[n_chunks, chunk]``."""
 
     def run_chunks(params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_bucket):
         # Groups of g chunks: each chunk's patched runs yield the residual rows the metric reads;
         # a group's rows are unembedded together (one large matmul, not g small ones).
-        fn = _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_stacked, offsets, metric, n_pos)
+        fn = _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_stacked, offsets, metric, n_pos,
+                       packed)
         n_chunks, chunk = chunk_start.shape[0], jax.tree.leaves(idx)[0].shape[1]
         g = group  # the plan makes every dispatch (and every device's share) whole groups of g chunks
         if n_chunks % g:
@@ -661,6 +697,7 @@ def run(
     memory_budget: int | str | None = None,
     same_before: int = 0,
     skip: bool = True,
+    pack: bool | str = "auto",
 ) -> tuple[np.ndarray, Plan]:
     """Run every patch of ``sweep``: ``(metric values [P, M, B] in the sweep's order (numpy, on
     the host), Plan)``.
@@ -696,6 +733,11 @@ def run(
         skip: run only the patches that can change what the metric reads (see
             :func:`skippable`); the others get the unpatched run's metric, exactly. ``False``
             runs every patch (the slow twin the skips are tested against).
+        pack: lay each chunk's patches end to end on one row axis, each recomputing only its own
+            positions (see :mod:`jaxpatch.packed`). ``"auto"`` packs an eligible sweep when no
+            ``chunk_size`` is given and packing executes fewer block FLOPs than vectorised
+            chunks (counting the longer attention of packed rows) (and, where a memory budget applies, its program fits); ``True`` requires it
+            (an error says why a sweep cannot be packed); ``False`` never packs (the slow twin).
     """
     global last_plan
     check(sweep, config, n_pos)
@@ -751,34 +793,44 @@ def run(
             n_pos, chunk_size, position_buckets))
         params = _multihost.place_params(params, mesh)
         run_ivs, run_cache, source, ctx = _multihost.replicate((run_ivs, dict(run_cache), source, dict(ctx)), mesh)
-    if chunk_size is None:
-        chunk_size = default_chunk_size(sweep, B, n_pos, position_buckets, same_before=same_before)
-        chunk_size = _planned_chunk(config, params, sweep, run_cache, source, source_stacked, metric, ctx, n_pos, run_ivs,
-                                    mesh, n_dev, max_offset, position_buckets, chunk_size, memory_budget, same_before)
-    chunk_size = -(-chunk_size // n_split) * n_split
-    group = _unembed_group(metric, B, n_pos, chunk_size, mesh, sweep.size)
-    # Chunks come in multiples of n_dev x group: every device's share, and every dispatch group of
-    # the progress bar or a checkpoint, holds whole unembedding groups (bitwise the same grouping).
-    unit = n_dev * group
-    pl = plan(sweep, config.n_layers, n_pos, max_offset, chunk_size, unit, position_buckets, same_before,
-              _edits_layers(run_ivs))
+    pl = _packed_plan(config, params, sweep, run_cache, source, source_stacked, metric, ctx, n_pos, run_ivs, mesh, n_dev,
+                      max_offset, position_buckets, chunk_size, memory_budget, same_before, pack, B)
+    if pl is None:  # vectorised chunks
+        if chunk_size is None:
+            chunk_size = default_chunk_size(sweep, B, n_pos, position_buckets, same_before=same_before)
+            chunk_size = _planned_chunk(config, params, sweep, run_cache, source, source_stacked, metric, ctx, n_pos, run_ivs,
+                                        mesh, n_dev, max_offset, position_buckets, chunk_size, memory_budget, same_before)
+        chunk_size = -(-chunk_size // n_split) * n_split
+        group = _unembed_group(metric, B, n_pos, chunk_size, mesh, sweep.size)
+        # Chunks come in multiples of n_dev x group: every device's share, and every dispatch group
+        # of the progress bar or a checkpoint, holds whole unembedding groups (bitwise the same grouping).
+        unit = n_dev * group
+        pl = plan(sweep, config.n_layers, n_pos, max_offset, chunk_size, unit, position_buckets, same_before,
+                  _edits_layers(run_ivs))
+    else:
+        unit = pl.unit
+        group = unit // n_dev
     pl = dataclasses.replace(pl, n_noop=int(noop.sum()), n_dead=int(dead.sum()), live=live, unit=unit)
     last_plan = pl
     n_chunks = len(pl.chunk_start)
     idx = {a: jnp.asarray(np.asarray(v)[pl.order].reshape((n_chunks, pl.chunk) + np.shape(v)[1:])) for a, v in sweep.index.items()}
+    if pl.packed:
+        idx["_first"] = jnp.asarray(pl.first.reshape(n_chunks, pl.chunk))
     from . import progress as _progress
 
     core = partial(_core, config, params, run_ivs, dict(run_cache), source, dict(ctx), site=sweep.site, paired=sweep.joint,
-                   source_stacked=source_stacked, offsets=pl.offsets, metric=metric, n_pos=n_pos, mesh=mesh, group=group)
+                   source_stacked=source_stacked, offsets=pl.offsets, metric=metric, n_pos=n_pos, mesh=mesh, group=group,
+                   packed=pl.packed)
     if checkpoint is not None or multi:  # dispatch groups: saved/loaded (resume.py), gathered (multihost.py)
         from . import resume as _resume
 
-        n_real = math.ceil(sweep.size / pl.chunk)
+        n_real = int(np.sum(pl.chunk_start < config.n_layers)) if pl.packed else math.ceil(sweep.size / pl.chunk)
         if checkpoint is not None:
             checkpoint.writer = jax.process_index() == 0
             checkpoint.describe.update(chunk_size=pl.chunk, position_buckets=position_buckets)
             checkpoint.open({"plan": _resume.fingerprint(ran, pl.order[: sweep.size], pl.chunk, pl.chunk_start[:n_real],
-                                                         pl.chunk_bucket[:n_real], pl.offsets),
+                                                         pl.chunk_bucket[:n_real], pl.offsets,
+                                                         *((pl.packed, pl.first) if pl.packed else ())),
                              "inputs": _resume.fingerprint(dict(run_cache), source, source_stacked, dict(ctx), run_ivs, metric, n_pos),
                              "software": _resume.software()})
         out = _resume.run_groups(core, idx, pl.chunk_start, pl.chunk_bucket, n_real=n_real, n_layers=config.n_layers,
@@ -794,9 +846,12 @@ def run(
     # compiles nothing (each eager jax op on a new shape would compile a small program).
     vals, finite = np.asarray(out[0]), np.asarray(out[1])
     vals = vals.reshape((n_chunks * pl.chunk,) + vals.shape[2:])
-    # Undo the execution order: position i ran patch order[i].
-    inv = np.empty(sweep.size, np.int64)
-    inv[pl.order[: sweep.size]] = np.arange(sweep.size)
+    # Undo the execution order: position i ran patch order[i] (packed: patch j ran in slot slot_of[j]).
+    if pl.slot_of is not None:
+        inv = pl.slot_of
+    else:
+        inv = np.empty(sweep.size, np.int64)
+        inv[pl.order[: sweep.size]] = np.arange(sweep.size)
     vals = vals[inv]
     # A NaN/inf in a patched run is reported with the patch that produced it instead of flowing
     # into tables and plots.
@@ -833,6 +888,84 @@ def _edits_layers(ivs: Interventions) -> bool:
     return any(SITES[site].per_layer if site in SITES else True for site in ivs.sites())
 
 
+def _budget(params, run_ivs, run_cache, source, ctx, mesh, memory_budget):
+    """``(budget bytes per device, where it comes from, bytes already resident)``, or ``None``
+    where no budget applies (no ``memory_budget`` and a device that reports no memory: CPUs)."""
+    from . import multihost as _multihost
+    from . import planner as _planner
+
+    devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()] if mesh is not None else [jax.devices()[0]]
+    if memory_budget is not None:
+        return _planner.parse_bytes(memory_budget), "memory_budget=", 0
+    budget = _planner.device_budget(devices)
+    if _multihost.spans_processes(mesh):  # every process must choose the same: the smallest budget of all
+        from jax.experimental import multihost_utils
+
+        every = np.asarray(multihost_utils.process_allgather(np.asarray(-1 if budget is None else budget, np.int64)))
+        budget = None if (every < 0).any() else int(every.min())
+    if budget is None:
+        return None
+    said = f"{_planner.DEVICE_HEADROOM:.0%} of the free memory {devices[0].device_kind} reports"
+    resident = min(_planner.resident_bytes((params, run_ivs, run_cache, source, ctx), d) for d in devices)
+    return budget, said, resident
+
+
+def _packed_plan(config, params, sweep, run_cache, source, source_stacked, metric, ctx, n_pos, run_ivs, mesh, n_dev,
+                 max_offset, position_buckets, chunk_size, memory_budget, same_before, pack, batch) -> Plan | None:
+    """The packed plan of ``sweep`` (see :mod:`jaxpatch.packed`), or ``None`` to run vectorised
+    chunks (``pack`` and :func:`run`'s docstring say when)."""
+    if pack not in (True, False, "auto") or not isinstance(pack, (bool, str)):
+        raise InputError(f"pack must be 'auto', True or False; got {pack!r}.")
+    two_d = mesh is not None and "model" in mesh.axis_names
+    ok = pack is not False and _packed.eligible(sweep, source, source_stacked, _edits_layers(run_ivs), two_d)
+    if pack is True and not ok:
+        raise InputError(
+            f"pack=True: this sweep of {sweep.site!r} cannot run packed. Packing needs one component per patch indexed "
+            f"by position (optionally head or neuron, never a whole axis), a site whose activation is [batch, pos, ...], "
+            f"a stacked source or a scalar one, no interventions on the run itself inside the blocks and no 2-D mesh. "
+            f"Use pack='auto' or pack=False.")
+    if not ok or (pack == "auto" and chunk_size is not None):
+        return None
+    full_last = _edits_layers(run_ivs)
+    pl = plan_packed(sweep, config.n_layers, n_pos, max_offset, batch, n_dev, same_before, full_last)
+    rows, slots = pl.packed, pl.chunk
+    group = _unembed_group(metric, batch, n_pos, slots, mesh, sweep.size)
+    if group > 1:  # whole unembedding groups per device
+        pl = plan_packed(sweep, config.n_layers, n_pos, max_offset, batch, n_dev * group, same_before, full_last)
+    pl = dataclasses.replace(pl, unit=n_dev * group)
+    if pack == "auto":
+        chunk = default_chunk_size(sweep, batch, n_pos, position_buckets, same_before=same_before)
+        vec = plan(sweep, config.n_layers, n_pos, max_offset, chunk, n_dev, position_buckets, same_before, full_last)
+        # Block FLOPs per token row (matmuls, and the attention over its keys: a packed row's
+        # keys are the cached sequence and the chunk's rows).
+        nh = config.n_heads * config.d_head
+        row = 8 * config.d_model * nh + (6 if config.gated_mlp else 4) * config.d_model * config.d_mlp
+        packed_cost = executed_rows(pl, config.n_layers, n_pos) * (row + 4 * nh * (n_pos + pl.packed))
+        if packed_cost >= executed_rows(vec, config.n_layers, n_pos) * (row + 4 * nh * n_pos):
+            return None
+    budget = _budget(params, run_ivs, run_cache, source, ctx, mesh, memory_budget)
+    if budget is not None:  # the packed program must fit, else vectorised chunks (planned to fit)
+        from . import multihost as _multihost
+        from . import planner as _planner
+
+        budget, said, resident = budget
+        k = pl.unit
+        put = _multihost.putter(mesh) if _multihost.spans_processes(mesh) else (lambda a, sharded: jnp.asarray(a))
+        ix = {a: put(np.asarray(v)[pl.order[: k * slots]].reshape((k, slots) + np.shape(v)[1:]), True)
+              for a, v in sweep.index.items()}
+        ix["_first"] = put(pl.first[: k * slots].reshape(k, slots), True)
+        compiled = _core.lower(config, params, run_ivs, dict(run_cache), source, dict(ctx), ix, put(pl.chunk_start[:k], True),
+                               put(pl.chunk_bucket[:k], True), site=sweep.site, paired=False, source_stacked=source_stacked,
+                               offsets=pl.offsets, metric=metric, n_pos=n_pos, mesh=mesh, group=group, packed=rows).compile()
+        if _planner.estimate(compiled, slots, len(pl.chunk_start) // k, resident).need() > budget:
+            if pack is True:
+                raise _planner.MemoryPlanError(
+                    f"pack=True: the packed program of this sweep of {sweep.site!r} does not fit the memory budget "
+                    f"({said}, {_planner.fmt_bytes(budget)}); use pack='auto' (vectorised chunks planned to fit).")
+            return None
+    return pl
+
+
 def _planned_chunk(config, params, sweep, run_cache, source, source_stacked, metric, ctx, n_pos, run_ivs, mesh, n_dev,
                    max_offset, position_buckets, preferred, memory_budget, same_before=0) -> int:
     """``preferred`` (the speed heuristic's chunk), or the largest candidate at most it whose
@@ -843,20 +976,10 @@ def _planned_chunk(config, params, sweep, run_cache, source, source_stacked, met
     from . import multihost as _multihost
 
     multi = _multihost.spans_processes(mesh)
-    devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()] if mesh is not None else [jax.devices()[0]]
-    if memory_budget is not None:
-        budget, said, resident = _planner.parse_bytes(memory_budget), "memory_budget=", 0
-    else:
-        budget = _planner.device_budget(devices)
-        if multi:  # every process must choose the same chunk: the smallest budget of all
-            from jax.experimental import multihost_utils
-
-            every = np.asarray(multihost_utils.process_allgather(np.asarray(-1 if budget is None else budget, np.int64)))
-            budget = None if (every < 0).any() else int(every.min())
-        if budget is None:  # the device reports no memory (CPU): the speed heuristic alone
-            return preferred
-        said = f"{_planner.DEVICE_HEADROOM:.0%} of the free memory {devices[0].device_kind} reports"
-        resident = min(_planner.resident_bytes((params, run_ivs, run_cache, source, ctx), d) for d in devices)
+    b = _budget(params, run_ivs, run_cache, source, ctx, mesh, memory_budget)
+    if b is None:  # the device reports no memory (CPU): the speed heuristic alone
+        return preferred
+    budget, said, resident = b
 
     def measure(c: int):  # one unembedding group of chunks per device, as run() dispatches them
         g = _unembed_group(metric, int(run_cache["resid"].shape[1]), n_pos, c, mesh, sweep.size)

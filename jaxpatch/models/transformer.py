@@ -187,7 +187,7 @@ def embed(config: ModelConfig, params: Params, tokens, hs: SiteHandler, position
     return e
 
 
-def attention_logits(config: ModelConfig, q, k, q_index, k_index, window, key_mask):
+def attention_logits(config: ModelConfig, q, k, q_index, k_index, window, key_mask, allowed=None):
     """The attention's masked pre-softmax scores, exactly as :func:`block` computes them.
 
     Args:
@@ -198,6 +198,9 @@ def attention_logits(config: ModelConfig, q, k, q_index, k_index, window, key_ma
             query and key rows.
         window: this layer's sliding window (a scalar; a huge number if none).
         key_mask: ``[B, S]``, true at real (non-padding) keys.
+        allowed: optional ``[T, S]`` (or ``[B, T, S]``): which keys each query may see at all,
+            on top of the causal, window and padding masks (packed suffix runs: see
+            :func:`run_blocks_packed`).
 
     Returns:
         ``(scores [B, N, T, S], visible [B, 1, T, S])``: ``scores`` are ``q·k`` (query head n reads
@@ -213,6 +216,8 @@ def attention_logits(config: ModelConfig, q, k, q_index, k_index, window, key_ma
     qi = q_index[..., :, None]
     ki = k_index.reshape((1,) * (qi.ndim - 1) + k_index.shape)
     visible = (ki <= qi) & (qi - ki < window)  # [(B,) T, S]
+    if allowed is not None:
+        visible = visible & allowed
     visible = (visible[None, None] if visible.ndim == 2 else visible[:, None]) & key_mask[:, None, None, :].astype(bool)
     return jnp.where(visible, scores, jnp.asarray(-jnp.inf, scores.dtype)), visible
 
@@ -258,10 +263,12 @@ def block(config: ModelConfig, p: Params, x, hs: SiteHandler, ctx, prefix_kv=Non
         q = jnp.einsum("BTD,NDH->BTNH", h if read is None else _rows(h, read), p["W_Q"])
         k = jnp.einsum("BSD,KDH->BSKH", h, p["W_K"])
         v = jnp.einsum("BSD,KDH->BSKH", h, p["W_V"])
-    q_index, q_cos, q_sin = ctx["q_index"], ctx.get("cos"), ctx.get("sin")
+    q_index, q_cos, q_sin, allowed = ctx["q_index"], ctx.get("cos"), ctx.get("sin"), ctx.get("allowed")
     if read is not None:  # from here on only the read rows (their residual, queries, positions)
         x = _rows(x, read)
         q_index = _rows(jnp.broadcast_to(q_index, read.shape[:1] + q_index.shape), read)
+        if allowed is not None:
+            allowed = _rows(jnp.broadcast_to(allowed, read.shape[:1] + allowed.shape[-2:]), read)
         if c.positional == "rotary":
             q_cos, q_sin = _rows(q_cos, read), _rows(q_sin, read)
     if c.qkv_bias:
@@ -279,7 +286,7 @@ def block(config: ModelConfig, p: Params, x, hs: SiteHandler, ctx, prefix_kv=Non
         v = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=1)
     group = c.n_heads // c.n_kv_heads
     v_att = jnp.repeat(v, group, axis=2) if group > 1 else v  # query head n reads value head n // group
-    scores, visible = attention_logits(c, q, k, q_index, ctx["k_index"], ctx["window"], ctx["key_mask"])
+    scores, visible = attention_logits(c, q, k, q_index, ctx["k_index"], ctx["window"], ctx["key_mask"], allowed)
     scores = hs("blocks.attn.hook_attn_scores", scores)
     # Softmax in at least float32; masked entries are -inf (TransformerLens's convention). A row
     # with no visible key (a padding query) gets zeros, never NaN.
@@ -287,7 +294,15 @@ def block(config: ModelConfig, p: Params, x, hs: SiteHandler, ctx, prefix_kv=Non
     any_visible = jnp.any(visible, axis=-1, keepdims=True)
     pattern = jax.nn.softmax(jnp.where(any_visible, s32, 0.0), axis=-1) * any_visible
     pattern = hs("blocks.attn.hook_pattern", pattern.astype(x.dtype))
-    z = hs("blocks.attn.hook_z", jnp.einsum("BNTS,BSNH->BTNH", pattern, v_att))
+    if allowed is None:
+        z = jnp.einsum("BNTS,BSNH->BTNH", pattern, v_att)
+    else:  # packed rows: another patch's NaN/inf values must not reach this one through zero weights
+        bad = ~jnp.all(jnp.isfinite(v_att), axis=(2, 3))  # [B, S]
+        seen = jnp.broadcast_to(allowed, (bad.shape[0],) + allowed.shape[-2:])  # [B, T, S]
+        leak = jnp.any(seen & bad[:, None, :], axis=-1)  # [B, T]: a key of its own run is non-finite
+        z = jnp.einsum("BNTS,BSNH->BTNH", pattern, jnp.where(bad[:, :, None, None], jnp.zeros((), v_att.dtype), v_att))
+        z = jnp.where(leak[:, :, None, None], jnp.asarray(jnp.nan, z.dtype), z)
+    z = hs("blocks.attn.hook_z", z)
     if hs.wants("blocks.attn.hook_result"):  # per-head writes to the residual stream
         result = hs("blocks.attn.hook_result", jnp.einsum("BTNH,NHD->BTND", z, p["W_O"]))
         attn_out = jnp.sum(result, axis=2)
@@ -522,6 +537,87 @@ def run_blocks_from(config: ModelConfig, blocks: Params, x, start, run_ctx, ivs:
         return block(config, p, x, SiteHandler(NONE, frozenset(), last, pos_offset), ctx, kv, read=read)
 
     # Done already: the last block ran whole, or the chunk starts past the last layer (padding).
+    done = full_last | (start >= L)
+    return jax.lax.cond(done, lambda x: _rows(x, read), rows_only, x)
+
+
+def packed_layout(first, n_pos: int, rows: int):
+    """The row layout of a packed suffix run (see :func:`run_blocks_packed`).
+
+    ``first`` ``[S]``: the first position each of ``S`` segments recomputes (``n_pos``: an empty
+    segment). Segment ``i`` holds positions ``first[i]..n_pos-1`` in consecutive rows, segments
+    one after another; rows past the last segment are padding. Returns ``dict(slot [rows]`` (the
+    segment of each row; ``S`` for padding), ``pos [rows]`` (each row's sequence position; 0 for
+    padding), ``first [rows]`` (its segment's first position; 1 for padding), ``start [S]`` (each
+    segment's first row)``. Traced: one compiled program serves every layout."""
+    first = jnp.asarray(first, jnp.int32)
+    lens = jnp.maximum(n_pos - first, 0)
+    ends = jnp.cumsum(lens)
+    start = ends - lens
+    r = jnp.arange(rows, dtype=jnp.int32)
+    slot = jnp.searchsorted(ends, r, side="right").astype(jnp.int32)  # rows past the segments: S
+    S = first.shape[0]
+    real = slot < S
+    s = jnp.minimum(slot, S - 1)
+    pos = jnp.where(real, first[s] + r - start[s], 0)
+    return {"slot": slot, "pos": pos, "first": jnp.where(real, first[s], 1), "start": start}
+
+
+def run_blocks_packed(config: ModelConfig, blocks: Params, cache, start, run_ctx, layout, hs_of, read, full_last=True):
+    """Suffix runs of several patches packed into one row axis: blocks ``start..n_layers-1``.
+
+    Each patch (segment) recomputes only the positions it can change, ``first..n_pos-1``
+    (:func:`packed_layout`), instead of every patch in a vectorised chunk recomputing the
+    positions from the chunk's earliest one. Row ``r`` of segment ``i`` at position ``q`` attends
+    to the cached run's keys/values at positions ``< first[i]`` (unchanged under causal attention)
+    and to its own segment's rows at positions ``<= q``: per segment, exactly the attention of
+    :func:`run_blocks_from` with ``pos_offset = first[i]``.
+
+    Args:
+        cache: the run's ``resid`` ``[L, B, T, D]`` and :func:`kv_sites` ``k``, ``v``
+            ``[L, B, T, K, H]``.
+        start: the (traced) first layer; every segment starts from the cached residual there.
+        run_ctx: :func:`run_context` of the whole run.
+        layout: :func:`packed_layout`.
+        hs_of: ``layer -> SiteHandler`` applying the patches' edits to packed activations
+            ``[B, rows, ...]``.
+        read: ``[B, R]`` rows the caller reads after the last block (returned ``[B, R, D]``).
+        full_last: a (traced) bool: false computes only the read rows' queries, attention and MLP
+            in the last block (exact when no edit applies there).
+    """
+    windows, local = _windows(config), _local(config)
+    L, T = config.n_layers, run_ctx["positions"].shape[1]
+    pos, slot, first = layout["pos"], layout["slot"], layout["first"]
+    key_mask = jnp.concatenate([run_ctx["key_mask"], run_ctx["key_mask"][:, pos]], axis=1)  # [B, T + rows]
+    # Cached keys before the segment's first position; packed keys of the segment itself.
+    allowed = jnp.concatenate([jnp.arange(T, dtype=jnp.int32)[None, :] < first[:, None],
+                               slot[:, None] == slot[None, :]], axis=1)  # [rows, T + rows]
+    k_index = jnp.concatenate([jnp.arange(T, dtype=jnp.int32), pos])
+
+    def layer_args(layer):
+        p = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False), blocks)
+        for k in [k for k in p if k.endswith(_MATMUL_MAJOR)]:
+            name = k[: -len(_MATMUL_MAJOR)]
+            p[name] = jnp.transpose(p.pop(k), _BACK[name])
+        ctx = {"key_mask": key_mask, "window": windows[layer], "q_index": pos, "k_index": k_index, "allowed": allowed}
+        if config.positional == "rotary":
+            ctx["cos"] = jax.lax.dynamic_index_in_dim(run_ctx["cos"], local[layer], 0, keepdims=False)[:, pos]
+            ctx["sin"] = jax.lax.dynamic_index_in_dim(run_ctx["sin"], local[layer], 0, keepdims=False)[:, pos]
+        kv = tuple(jax.lax.dynamic_index_in_dim(cache[n], layer, 0, keepdims=False) for n in ("k", "v"))
+        return p, ctx, kv
+
+    def body(layer, x):
+        p, ctx, kv = layer_args(layer)
+        return block(config, p, x, hs_of(layer), ctx, kv)
+
+    x = jax.lax.dynamic_index_in_dim(cache["resid"], jnp.minimum(start, L - 1), 0, keepdims=False)[:, pos]
+    x = jax.lax.fori_loop(start, jnp.where(full_last, L, L - 1), body, x)
+    last = jnp.asarray(L - 1, jnp.int32)
+
+    def rows_only(x):  # no edit applies in the last layer: its unread rows feed nothing
+        p, ctx, kv = layer_args(last)
+        return block(config, p, x, SiteHandler(NONE, frozenset(), last), ctx, kv, read=read)
+
     done = full_last | (start >= L)
     return jax.lax.cond(done, lambda x: _rows(x, read), rows_only, x)
 

@@ -1,0 +1,198 @@
+"""Packed sweeps: the patches of a chunk share one row axis, each recomputing only its own suffix.
+
+A vectorised chunk (:mod:`jaxpatch.sweep`) runs every patch over the positions from the chunk's
+position bucket on: a patch at position 13 in a chunk whose bucket starts at 4 recomputes nine
+rows it cannot change. A *packed* chunk instead lays its patches' suffixes end to end on one row
+axis (:func:`jaxpatch.models.transformer.packed_layout`): the patch at layer ``l``, position
+``p`` contributes the rows of positions ``p..T-1`` only, and each row attends to the run's cached
+keys/values before its own patch's first position and to its own patch's rows
+(:func:`jaxpatch.models.transformer.run_blocks_packed`). The matmuls see ``rows`` token rows per
+prompt however the positions vary, and the executed work approaches the live minimum.
+
+The layout is data (each slot's first position rides along with the patch indices), so one
+compiled program serves every sweep of the same site, batch, length, packed chunk size and number
+of chunks (the chunk size is a multiple of the length, chosen per sweep by :func:`choose`).
+
+Eligible sweeps (:func:`eligible`): one component per patch, indexed by position (and optionally
+head or neuron), replacing activations whose second axis is the position, with a stacked or scalar
+source, no interventions of the run itself inside the blocks, and no 2-D mesh; built-in and custom metrics alike.
+Everything else runs vectorised, as before; ``pack=False`` in :func:`jaxpatch.sweep.run` is the
+slow twin the tests compare against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import models
+from .interventions import ALL, NONE
+from .models._layers import SiteHandler
+from .sites import SITES
+
+#: Token rows (prompts x packed rows) per packed chunk: the rows each matmul sees.
+PACK_ROWS = 1024
+#: Index axes a packed patch may use besides ``layer`` and ``pos``.
+_EXTRA_AXES = ("head", "d_mlp")
+
+
+def max_rows(batch: int, n_pos: int) -> int:
+    """Most packed rows per prompt in a chunk: about :data:`PACK_ROWS` token rows, and at least
+    one whole sequence (the longest suffix a patch can need)."""
+    return max(n_pos, -(-PACK_ROWS // max(1, batch)))
+
+
+def slots_per_chunk(rows: int, n_pos: int) -> int:
+    """Most patches a packed chunk holds (each slot's read rows are unembedded, used or not):
+    room for suffixes of a third of the sequence on average, at least 8."""
+    return int(min(rows, max(8, -(-3 * rows // n_pos))))
+
+
+#: Rows per matmul at which a chunk's matmuls run at half their large-matrix rate, for
+#: :func:`choose`'s cost (a rough CPU figure; it only breaks near-ties toward larger chunks).
+HALF_RATE_ROWS = 64
+
+
+def choose(layer: np.ndarray, first: np.ndarray, n_pos: int, batch: int) -> tuple[int, int, list]:
+    """``(rows, slots, bins)``: the packed chunk size with the least estimated time, among
+    multiples of ``n_pos`` up to :func:`max_rows` (one chunk per layer of a small sweep wastes
+    nothing; a large sweep fills large chunks). The estimate is executed block rows, each chunk's
+    at a rate falling off below :data:`HALF_RATE_ROWS` token rows per matmul."""
+    cap = max_rows(batch, n_pos)
+    total = int(np.sum(n_pos - first))
+    cands = sorted({min(cap, n_pos * k) for k in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if n_pos * k < 2 * total} | {cap})
+    if len(first) > 20000:  # host time: pack() is a Python loop
+        cands = [cap]
+    best = None
+    for rows in cands:
+        slots = slots_per_chunk(rows, n_pos)
+        bins = pack(layer, first, n_pos, rows, slots)
+        starts = np.asarray([layer[b].min() for b in bins])
+        work = rows * float(np.sum(layer.max() + 1 - starts))
+        cost = work * (1 + HALF_RATE_ROWS / (rows * batch))
+        if best is None or cost < best[0]:
+            best = (cost, rows, slots, bins)
+    return best[1], best[2], best[3]
+
+
+def eligible(sweep, source, source_stacked: bool, run_edits_layers: bool, two_d_mesh: bool) -> bool:
+    """Whether ``sweep`` can run packed (see the module docstring); static, from shapes and
+    options only. ``run_edits_layers``: the run's own interventions edit a per-layer site (its
+    edits before the first block, such as the noise baseline's, are in the cached run already)."""
+    site = SITES.get(sweep.site)
+    if site is None or sweep.joint or two_d_mesh or run_edits_layers:
+        return False
+    if site.axes[:2] != ("batch", "pos") or "pos" not in sweep.index:
+        return False
+    if any(a not in ("layer", "pos") + _EXTRA_AXES or (a != "layer" and a not in site.axes) for a in sweep.index):
+        return False
+    if any(np.any(np.asarray(v) == ALL) for a, v in sweep.index.items() if a != "layer"):
+        return False
+    return bool(source_stacked) or np.ndim(source) == 0
+
+
+def first_positions(pos_first: np.ndarray, max_offset: int) -> np.ndarray:
+    """Each patch's segment start: its first position that can change (see
+    :func:`jaxpatch.sweep._first_pos`), never past the earliest position the metric reads (so
+    every prompt's answer row lies in the segment; recomputing more is always exact)."""
+    return np.minimum(pos_first, max_offset).astype(np.int32)
+
+
+def pack(layer: np.ndarray, first: np.ndarray, n_pos: int, rows: int, slots: int) -> list[np.ndarray]:
+    """Patches (ids) per packed chunk: sorted by layer then position, filled greedily up to
+    ``rows`` rows and ``slots`` patches. A chunk spanning two layers starts at the lower one (its
+    later patches recompute a layer that cannot change: exact, some waste)."""
+    order = np.lexsort((first, layer))
+    bins, cur, used = [], [], 0
+    for i in order:
+        n = n_pos - int(first[i])
+        if cur and (used + n > rows or len(cur) >= slots):
+            bins.append(np.asarray(cur, np.int64))
+            cur, used = [], 0
+        cur.append(int(i))
+        used += n
+    if cur:
+        bins.append(np.asarray(cur, np.int64))
+    return bins
+
+
+class PackedEdits(SiteHandler):
+    """Applies each packed patch's replacement at its own rows of ``site`` in ``layer``: row ``r``
+    of slot ``s`` is replaced where ``layer == layer[s]``, its position is ``pos[s]``, and (when
+    indexed) its head/neuron is ``head[s]``/``d_mlp[s]``, by the source activation at that layer
+    and position."""
+
+    def __init__(self, site: str, idx, layout, source, stacked: bool, layer, n_pos: int):
+        super().__init__(NONE, frozenset(), layer)
+        self.site, self.idx, self.layout, self.source, self.stacked, self.n_pos = site, idx, layout, source, stacked, n_pos
+
+    def wants(self, *names: str) -> bool:
+        return self.site in names
+
+    def __call__(self, name: str, act):
+        if name != self.site:
+            return act
+        idx, lay = self.idx, self.layout
+        S = idx["layer"].shape[0]
+        real = lay["slot"] < S
+        s = jnp.minimum(lay["slot"], S - 1)
+        on = real & (idx["layer"][s] == self.layer) & (lay["pos"] == idx["pos"][s] % self.n_pos)  # [rows]
+        sel = jnp.reshape(on, (1, -1) + (1,) * (act.ndim - 2))
+        axes = SITES[self.site].axes
+        for a in _EXTRA_AXES:
+            if a in idx:
+                i, n = axes.index(a), act.shape[axes.index(a)]
+                hit = jnp.arange(n, dtype=jnp.int32)[None, :] == (idx[a][s] % n)[:, None]  # [rows, n]
+                sel = sel & jnp.reshape(hit, (1, hit.shape[0]) + tuple(n if j == i else 1 for j in range(2, act.ndim)))
+        if self.stacked:
+            value = jax.lax.dynamic_index_in_dim(self.source, self.layer, 0, keepdims=False)[:, lay["pos"]]
+        else:
+            value = jnp.asarray(self.source)
+        return jnp.where(sel, value.astype(act.dtype), act)
+
+
+def chunk_fn(config, blocks, cache, source, source_stacked: bool, ctx, site: str, n_pos: int, rows: int,
+             read_from: int | None = None):
+    """``(idx, start, bucket) -> [slots, B, D]``: the residual row each slot's metric reads (each
+    prompt's answer position); with ``read_from`` (a custom metric reading positions
+    ``read_from..n_pos-1``) ``[slots, B, n_pos - read_from, D]``. ``idx`` holds the patches'
+    indices ``[slots]`` and ``"_first"`` (each slot's first position, ``n_pos`` for an empty
+    slot; never past the first position read); ``bucket`` is 1 when an edit applies in the last
+    layer."""
+
+    def fn(args):
+        idx, start, bucket = args
+        idx = dict(idx)
+        first = idx.pop("_first")
+        S = first.shape[0]
+        layout = models.packed_layout(first, n_pos, rows)
+        if read_from is None:
+            at = jnp.asarray(ctx["answer_pos"], jnp.int32)[:, None]  # [B, 1] positions read
+        else:
+            at = jnp.arange(read_from, n_pos, dtype=jnp.int32)[None, :]  # [1, n_read]
+        n_read = at.shape[1]
+        read = layout["start"][None, :, None] + at[:, None, :] - first[None, :, None]  # [B|1, slots, n_read]
+        read = jnp.clip(read, 0, rows - 1)
+        B = cache["resid"].shape[1]
+        read = jnp.broadcast_to(read, (B, S, n_read)).reshape(B, S * n_read)
+        hs_of = lambda layer: PackedEdits(site, idx, layout, source, source_stacked, layer, n_pos)  # noqa: E731
+        out = models.run_blocks_packed(config, blocks, cache, start, cache["ctx"], layout, hs_of, read, bucket >= 1)
+        out = jnp.swapaxes(out.reshape((B, S, n_read) + out.shape[2:]), 0, 1)  # [slots, B, n_read, D]
+        return out[:, :, 0] if read_from is None else out
+
+    return fn
+
+
+def executed_rows(chunk_start: np.ndarray, rows: int, n_layers: int) -> int:
+    """Block-row evaluations per prompt that packed chunks execute."""
+    return int(rows * np.sum(np.maximum(n_layers - np.asarray(chunk_start), 0)))
+
+
+def n_chunks_for(n_bins: int, unit: int, round_chunks) -> int:
+    """Chunks a packed plan dispatches: its bins rounded like a vectorised plan's (sweeps of
+    slightly different sizes share a program), in whole units (devices x unembedding groups)."""
+    n = round_chunks(max(1, n_bins))
+    return int(math.ceil(n / unit) * unit)
