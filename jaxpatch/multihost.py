@@ -37,8 +37,8 @@ with ``mesh="auto"`` they split the *prompts* over the processes (:func:`prompt_
 metrics, each prompt's value its own), each process running its share on its first device, and
 gather the per-prompt estimates as ``gather=`` says (:func:`gather_prompts`).
 
-The result equals a single-process run bitwise (``tests/test_multihost.py``: 2 processes x 2
-CPU devices against one device).
+The result equals a single-process run bitwise (``tests/test_multihost_gather.py``,
+``test_two_processes_equal_one_process_bitwise``: 2 processes x 2 CPU devices against one device).
 
 **Weights sharded across processes.** A ``("sweep", "model")`` mesh may span processes: the
 weights are global arrays sharded by :mod:`jaxpatch.partitioning` (loaded that way by

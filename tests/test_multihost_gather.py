@@ -12,6 +12,13 @@ devices each, joined by ``jax.distributed.initialize`` (gloo collectives).
   devices of both processes (1e-5); with ``mesh=None`` each process computes the whole call: bitwise equal
   to one process. Under ``"process0"`` the others get ``None``;
 * a bad ``gather`` (every entry point) or ``mesh`` (attribution, EAP) is an :class:`InputError`.
+
+The same two processes first run tests/test_multihost.py's checks (the plain sharded sweep,
+bitwise equal to one process on one device; the progress bar on process 0 only; a checkpoint
+written by process 0 and resumed by both; different prompts refused; plain AtP split over the
+processes): one 2-process job for both modules' checks, so the processes start, join and compile
+the shared sweep once (:func:`two_processes`, asserted by
+``test_two_processes_equal_one_process_bitwise`` below).
 """
 
 from __future__ import annotations
@@ -25,7 +32,31 @@ from tests.helpers import CHILD_SWEEP_SETUP, child_env, rel_err, run_two
 
 EDGES = [("embed", "L1H0.q"), ("L0H1", "logits"), ("MLP0", "MLP1.in"), ("L0H2", "L1H3.v")]
 
-CHILD = PREAMBLE + """
+# tests/test_multihost.py's checks, run first (before the spies below are installed): its own
+# checkpoint folder ("ckpt_mh") and result file ("mh{pid}.npz").
+MULTIHOST = """
+from jaxpatch import resume, sweep
+assert sweep.default_mesh().size == 4
+plain = jaxpatch.activation_patch(model, clean, corrupt, progress=False, **KW)
+ckpt = os.path.join(out, "ckpt_mh")
+first = jaxpatch.activation_patch(model, clean, corrupt, checkpoint_dir=ckpt, progress=True, **KW)  # bar: process 0
+runs = [resume.last_run["computed"], resume.last_run["groups"]]
+again = jaxpatch.activation_patch(model, clean, corrupt, checkpoint_dir=ckpt, progress=False, **KW)
+runs += [resume.last_run["computed"], resume.last_run["loaded"]]
+atp = jaxpatch.attribution_patch(model, clean, corrupt, site="z", method="atp", answer=KW["answer"], wrong=KW["wrong"])
+other = corrupt.copy()
+other[0, 0] = (other[0, 0] + pid) % 50  # process 1 is given different prompts
+try:
+    jaxpatch.activation_patch(model, clean, other, progress=False, **KW)
+    refused = ""
+except jaxpatch.InputError as e:
+    refused = str(e)
+np.savez(os.path.join(out, f"mh{pid}.npz"), atp=atp.per_prompt, plain=plain.per_prompt, first=first.per_prompt,
+         again=again.per_prompt, runs=np.asarray(runs), refused=np.asarray(refused))
+print("MULTIHOST PART DONE", flush=True)
+"""
+
+CHILD = PREAMBLE + MULTIHOST + """
 from jax.experimental import multihost_utils
 from jaxpatch import multihost, resume, sweep
 
@@ -120,12 +151,57 @@ def ns():
     return d
 
 
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, ns):
+    """The 2-process job (:data:`CHILD`), run once for the module: its folder and each process's
+    ``(returncode, stdout, stderr)``."""
+    out = tmp_path_factory.mktemp("two_processes")
+    # 240 s each for tests/test_multihost.py's run and this module's run when they were separate jobs
+    logs = run_two(CHILD, out, env=child_env(out, ns["model"]), timeout=540)
+    return out, logs
+
+
+@pytest.fixture(scope="module")
+def ref_sweep(ns):
+    """The children's sweep in this process, on one device."""
+    return jaxpatch.activation_patch(ns["model"], ns["clean"], ns["corrupt"], mesh=None, **ns["KW"]).per_prompt
+
+
 @pytest.mark.slow
-def test_gather_to_process0_and_everywhere_across_two_processes(tmp_path, ns):
-    run_two(CHILD, tmp_path, env=child_env(tmp_path, ns["model"]))
+def test_two_processes_equal_one_process_bitwise(two_processes, ns, ref_sweep):
+    """2 processes x 2 devices run the same sweep sharded over all 4 devices; every process gets
+    the whole result, bitwise equal to one process on one device. The progress bar is drawn by
+    process 0 only; a checkpoint is written by process 0 and resumed by both; processes given
+    different prompts are refused; attribution (its prompts split over the processes) gives every
+    process the single-process numbers to float rounding. (Formerly tests/test_multihost.py's own
+    2-process run.)"""
+    tmp_path, logs = two_processes
+    ref = ref_sweep
+    atp = jaxpatch.attribution_patch(ns["model"], ns["clean"], ns["corrupt"], site="z", method="atp",
+                                     answer=ns["KW"]["answer"], wrong=ns["KW"]["wrong"])
+    for i in range(2):
+        z = np.load(tmp_path / f"mh{i}.npz")
+        for key in ("plain", "first", "again"):  # every process holds the whole result, bitwise
+            assert z[key].tobytes() == ref.tobytes(), (i, key, np.abs(z[key] - ref).max())
+        # attribution splits the prompts over the processes: the single-process numbers to rounding
+        assert z["atp"].shape == atp.per_prompt.shape and rel_err(z["atp"], atp.per_prompt) <= 1e-5
+        # 16 chunks on 4 devices: 4 groups computed, then all 4 loaded from process 0's checkpoint
+        assert z["runs"].tolist() == [4, 4, 0, 4]
+        assert "different inputs" in str(z["refused"]) and "process(es) [1]" in str(z["refused"])
+    bar = "sweep blocks.hook_resid_pre"
+    assert bar in logs[0][2] and "/16 " in logs[0][2]  # one bar (16 chunks), on process 0
+    assert bar not in logs[1][2]
+    assert sorted(f.name for f in (tmp_path / "ckpt_mh").iterdir()) == [
+        "chunks_000000_000004.npz", "chunks_000004_000008.npz", "chunks_000008_000012.npz", "chunks_000012_000016.npz",
+        "manifest.json"]
+
+
+@pytest.mark.slow
+def test_gather_to_process0_and_everywhere_across_two_processes(two_processes, ns, ref_sweep):
+    tmp_path, _ = two_processes
     model, clean, corrupt, KW = ns["model"], ns["clean"], ns["corrupt"], ns["KW"]
     ans = {"answer": KW["answer"], "wrong": KW["wrong"]}
-    ref = {"sweep": jaxpatch.activation_patch(model, clean, corrupt, mesh=None, **KW).per_prompt,
+    ref = {"sweep": ref_sweep,
            "atp": jaxpatch.attribution_patch(model, clean, corrupt, site="z", method="atp*", **ans).per_prompt,
            "eap": jaxpatch.edges.edge_attribution_patch(model, clean, corrupt, ig_steps=3, **ans).per_prompt,
            "exact": jaxpatch.edges.exact_edge_patch(model, clean, corrupt, EDGES, mesh=None, **ans)}
