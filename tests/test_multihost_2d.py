@@ -95,8 +95,19 @@ try:
     refused = ""
 except jaxpatch.InputError as e:
     refused = str(e)
-# GPT-2 weights held whole by each process, swept on a 1x4 mesh: the sweep shards them
-g = jaxpatch.HookedModel.from_config(jaxpatch.ModelConfig.gpt2(n_layers=2, d_model=32, n_heads=4, d_vocab=48, n_ctx=16), seed=2)
+# GPT-2 weights held whole by each process, swept on a 1x4 mesh: the sweep shards them. The
+# weights are the parent's HookedModel.from_config(GPT2, seed=2), read from its npz (drawing them
+# here would compile the random init in each process: seconds of CPU, twice).
+import jax.numpy as jnp
+gpt2_params = {}
+with np.load(os.path.join(out, "gpt2.npz")) as zf:
+    for key in zf.files:
+        *outer, leaf = key.split("/")
+        d = gpt2_params
+        for k in outer:
+            d = d.setdefault(k, {})
+        d[leaf] = jnp.asarray(zf[key])
+g = jaxpatch.HookedModel(jaxpatch.ModelConfig.gpt2(n_layers=2, d_model=32, n_heads=4, d_vocab=48, n_ctx=16), gpt2_params)
 wide = Mesh(np.array(jax.devices()).reshape(1, 4), ("sweep", "model"))
 res["gpt2"] = jaxpatch.activation_patch(g, clean, corrupt, site="resid_pre", mesh=wide, chunk_size=2, progress=False,
                                         **KW).per_prompt
@@ -113,6 +124,9 @@ def test_weights_sharded_across_processes_equal_one_device(tmp_path):
     model = jaxpatch.HookedModel.from_config(LLAMA, seed=1)
     model.params = jax.tree_util.tree_map(lambda a: a * 3.0 if a.ndim >= 2 else a, model.params)  # larger effects
     ckpt = jaxpatch.save_pretrained(model, tmp_path / "llama")
+    g = jaxpatch.HookedModel.from_config(GPT2, seed=2)
+    flat = jax.tree_util.tree_flatten_with_path(g.params)[0]
+    np.savez(tmp_path / "gpt2.npz", **{"/".join(k.key for k in kp): np.asarray(v) for kp, v in flat})  # the children's
     # ~140 s alone; CI runs other test files beside it
     run_two(CHILD, tmp_path, ckpt, env=two_process_env(), timeout=900)
 
@@ -121,7 +135,6 @@ def test_weights_sharded_across_processes_equal_one_device(tmp_path):
     ref["circuit"] = circuits.evaluate_circuit(loaded, ns["clean"], ns["corrupt"], ns["CIRCUITS"], mesh=None,
                                                **ns["KW"]).per_prompt
     ref["path"] = circuits.path_patch(loaded, ns["clean"], ns["corrupt"], mesh=None, **ns["PATH"], **ns["KW"]).per_prompt
-    g = jaxpatch.HookedModel.from_config(GPT2, seed=2)
     ref["gpt2"] = jaxpatch.activation_patch(g, ns["clean"], ns["corrupt"], site="resid_pre", mesh=None,
                                             progress=False, **ns["KW"]).per_prompt
     mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("sweep", "model"))
