@@ -735,9 +735,10 @@ def run(
             runs every patch (the slow twin the skips are tested against).
         pack: lay each chunk's patches end to end on one row axis, each recomputing only its own
             positions (see :mod:`jaxpatch.packed`). ``"auto"`` packs an eligible sweep when no
-            ``chunk_size`` is given and packing executes fewer block FLOPs than vectorised
-            chunks (counting the longer attention of packed rows) (and, where a memory budget applies, its program fits); ``True`` requires it
-            (an error says why a sweep cannot be packed); ``False`` never packs (the slow twin).
+            ``chunk_size`` is given, packing executes fewer block FLOPs than vectorised chunks
+            (counting the longer attention of packed rows) and, where a memory budget applies,
+            its program fits; ``True`` requires it (an error says why a sweep cannot be packed);
+            ``False`` never packs (the slow twin).
     """
     global last_plan
     check(sweep, config, n_pos)
