@@ -47,7 +47,8 @@ import jaxpatch  # noqa: E402
 #: one-test modules last, the child-process ones among them (the fuzz child ~230 s, the 2-process
 #: runs ~100-250 s), with the other worker idle meanwhile. Only the order changes.
 SLOW_MODULES_FIRST = (
-    "test_qk_fix_families.py", "test_skip.py", "test_multihost_gather.py", "test_report.py", "test_fuzz_process.py",
+    "test_qk_fix_families.py", "test_skip.py", "test_sweep_packed.py", "test_multihost_gather.py", "test_report.py",
+    "test_fuzz_process.py",
     "test_attribution_fixes.py", "test_padding_gqa.py", "test_partitioning.py", "test_trust.py",
     "test_attribution.py", "test_multihost_2d.py", "test_matmul_major.py", "test_sweep.py", "test_planner.py",
     "test_sharded_loading.py", "test_edges_post_norm.py", "test_report_ioi.py", "test_attribution_unembed.py",

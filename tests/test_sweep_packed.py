@@ -17,20 +17,10 @@ from jaxpatch import packed as pk
 from jaxpatch import sweep as sw
 from jaxpatch._errors import InputError
 from jaxpatch.compat import transformer_lens as jp_tl
+from tests.test_skip import B, L, T, _families, close, model  # noqa: F401  (model: a fixture; close: TOL 2e-5 relative)
 from tests.test_sweep import loop_twin
 
-TOL = 2e-5  # float32, relative to max(1, |value|): packed and vectorised runs sum in different orders
-
-L, T, B = 3, 10, 3
 DIFF = 4  # the clean and corrupted prompts first differ here (and at 8 in prompt 1)
-
-
-@pytest.fixture(scope="module")
-def model():
-    cfg = jaxpatch.ModelConfig.gpt2(n_layers=L, d_model=32, n_heads=4, d_vocab=61, n_ctx=16)
-    m = jaxpatch.HookedModel.from_config(cfg, seed=1)
-    m.params = jax.tree_util.tree_map(lambda a: a * 5.0 if a.ndim >= 2 else a, m.params)
-    return m
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +31,6 @@ def prompts():
     corrupt[:, DIFF] = (corrupt[:, DIFF] + 7) % 61
     corrupt[1, 8] = (corrupt[1, 8] + 3) % 61
     return clean, corrupt, np.array([3, 4, 5]), np.array([6, 7, 8])
-
-
-def close(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    return np.max(np.abs(a - b)) <= TOL * max(1.0, float(np.max(np.abs(b))))
 
 
 ELIGIBLE = [
@@ -138,14 +123,6 @@ def test_packed_custom_metric_compat_path(model, prompts):
         assert sw.last_plan.packed > 0
         vec = np.asarray(fn(model, corrupt, cache, metric, pack=False, mesh=None, skip=False))
         assert close(packed, vec), fn.__name__
-
-
-def _families():
-    from tests.test_edges_post_norm import _cfg as gemma_cfg
-    from tests.test_padding_gqa import CONFIGS
-
-    return {**CONFIGS, "gemma2": gemma_cfg(), "qwen3-qknorm": gemma_cfg(architecture="qwen3", post_norms=False,
-                                                                       qk_norm=True, attn_softcap=None, final_softcap=None)}
 
 
 @pytest.mark.parametrize("name", ["gpt2", "neox", "llama", "mistral", "gemma2", "qwen3-qknorm"])
