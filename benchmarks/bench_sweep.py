@@ -12,7 +12,7 @@ name near the end). For each sweep it prints:
 * the **live minimum**: FLOPs of only the patches and positions that can change the answer (each
   live patch recomputes the layers from its own and the positions from its first, or from the
   first position where the prompts differ; in the last layer only keys/values except at the read
-  rows; plus the unembedding the metric needs), and executed / live minimum;
+  rows; plus the unembedding the metric needs: its two logits per prompt), and executed / live minimum;
 * achieved GFLOP/s against the **measured ceiling**: the rate this machine reaches, in the same
   run, on jitted float32 matmuls of the block's shapes at the sweep's rows per matmul.
 
@@ -198,8 +198,11 @@ def bench_setting(name, setting, trio, config, batch, pos, sweeps, runs, args, r
         assert err <= 1e-3 * max(1.0, float(np.max(np.abs(tl_res)))), f"{sweep}: jaxpatch differs from TransformerLens by {err}"
         live = pl.live if pl is not None and pl.live is not None else np.arange(P)
         same_before = pl.same_before if pl is not None else pos
-        minimum = live_minimum_flops(config, spec, live, same_before, batch, pos, 1, config.d_vocab)
-        executed = executed_flops(config, pl, batch, pos, 1, config.d_vocab) if pl is not None else 0
+        # The metric reads two logits per prompt: with lazy logits (jaxpatch.lazy_logits) each is one
+        # dot product, two columns' worth; without, the read row's whole vocabulary.
+        cols = 2 if sw.LAZY_LOGITS else config.d_vocab
+        minimum = live_minimum_flops(config, spec, live, same_before, batch, pos, 1, cols)
+        executed = executed_flops(config, pl, batch, pos, 1, cols) if pl is not None else 0
         # token rows per matmul: a vectorised chunk's patches x prompts x positions; a packed chunk's rows x prompts
         rpm = (pl.packed * batch if pl.packed else pl.chunk * batch * pos) if pl is not None else batch * pos
         if rpm not in ceilings:

@@ -38,6 +38,7 @@ from ._errors import InputError, JaxpatchError, NonFiniteError
 from .config import ModelConfig
 from .interventions import ALL, NONE, Edit, Interventions
 from . import models
+from . import lazy_logits as _lazy
 from . import packed as _packed
 from .sites import SITES, check_available
 from .user_metric import TracedMetric
@@ -413,6 +414,34 @@ def skippable(sweep: Sweep, n_layers: int, n_pos: int, read_positions, same_befo
     return noop, skip & ~noop
 
 
+def unchanged(sweep: Sweep, run_cache, source, source_stacked: bool, n_layers: int, n_pos: int, run_ivs) -> np.ndarray:
+    """Patches of the residual stream that write, at every component, exactly the value the run
+    already holds there (bit for bit, in every prompt): ``[P]`` bool. Such a patch is a no-op
+    whatever its source (e.g. ``resid_pre`` of layer 0 at a position whose token the clean and
+    corrupted prompts share, after the first position where they differ). Compared on the cached
+    residual streams (``blocks.hook_resid_pre``; ``hook_resid_post`` of layer ``l`` is
+    ``resid_pre`` of ``l + 1``): one device comparison and one ``[L, T]`` host transfer per
+    sweep. Nothing is claimed (all ``False``) for other sites, unstacked sources, or runs with
+    interventions of their own (they could act on the patched value)."""
+    P = sweep.size
+    shift = {"blocks.hook_resid_pre": 0, "blocks.hook_resid_post": 1}.get(sweep.site)
+    if shift is None or not source_stacked or run_ivs.sites() or set(sweep.index) - {"layer", "pos"}:
+        return np.zeros(P, bool)
+    resid = run_cache["resid"]
+    src = jnp.asarray(source)
+    if src.ndim != resid.ndim or src.shape[0] != resid.shape[0] or src.shape[2:] != resid.shape[2:] \
+            or src.shape[1] not in (1, resid.shape[1]):
+        return np.zeros(P, bool)
+    same = np.asarray(jnp.all(resid == src, axis=(1, 3)))  # [L, T]: identical in every prompt
+    same = np.concatenate([same[shift:], np.zeros((shift, n_pos), bool)])  # the site's layer l
+    first, last = _component_positions(sweep, n_pos)
+    layer = np.asarray(sweep.index["layer"]).reshape(first.shape)
+    # a component covers positions first..last of its layer: all of them unchanged
+    runs = np.cumsum(~same, axis=1)  # changed positions up to and including each one
+    changed = runs[layer, last] - np.where(first > 0, runs[layer, np.maximum(first - 1, 0)], 0)
+    return np.all(changed == 0, axis=1)
+
+
 # ----------------------------------------------------------------------------------------------
 # The compiled core.
 
@@ -438,10 +467,14 @@ class CustomMetric:
     first_pos: int
 
 
-def _metric_of(config, params, x, s: int, metric, ctx, n_pos: int):
+def _metric_of(config, params, x, s: int, metric, ctx, n_pos: int, lazy: bool = False):
     """The metric of a run's final residual stream ``x`` ``[B, T - s, D]`` (positions ``s..``):
     ``(values [M, B] (or [1, 1] for a custom metric), all logits finite)``."""
     if isinstance(metric, CustomMetric):
+        if lazy:  # only the logits the metric reads (jaxpatch.lazy_logits)
+            out = _lazy_metric(config, params, x[:, metric.first_pos - s:], metric, ctx, n_pos)
+            if out is not None:
+                return out
         read = models.logits_at(config, params, x[:, metric.first_pos - s:])  # positions first_pos..
         full = read
         if metric.first_pos:  # earlier positions provably unread: zeros, never computed
@@ -455,6 +488,42 @@ def _metric_of(config, params, x, s: int, metric, ctx, n_pos: int):
     return _metrics.compute_ctx(metric, logits, ctx), jnp.all(jnp.isfinite(logits))
 
 
+#: Custom metrics compute only the logits they read (:mod:`jaxpatch.lazy_logits`); ``False`` hands
+#: them the full logits of their read rows (the slow twin the tests compare against).
+LAZY_LOGITS = True
+
+
+def _lazy_for(metric) -> bool:
+    """Whether a sweep program evaluates ``metric`` with :mod:`jaxpatch.lazy_logits` (a static
+    argument of the program, so toggling :data:`LAZY_LOGITS` compiles anew)."""
+    return LAZY_LOGITS and isinstance(metric, CustomMetric)
+
+
+def _lazy_metric(config, params, x, metric: CustomMetric, ctx, n_pos: int):
+    """A custom metric of final residual rows ``x`` ``[B, R, D]`` (positions ``n_pos - R..``),
+    computing only the logits it reads: ``(value [1, 1], finite)``, or ``None`` where the int32
+    index proxy cannot address the logits (the caller computes them all)."""
+    b = int(metric.fn.in_aval.shape[0])
+    V, dtype = int(metric.fn.in_aval.shape[-1]), metric.fn.in_aval.dtype
+    if b * n_pos * V >= 2**31:
+        return None
+
+    def one(rows):  # one batch of the traced size (several corrupted sets: one each)
+        lg = _lazy.Logits(rows, n_pos, V, dtype, partial(models.logits_at, config, params),
+                          partial(models.logits_elements, config, params))
+        val = jnp.asarray(_lazy.evaluate(metric.fn.jaxpr, ctx["metric_consts"], lg)[0])
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(rows))] + lg.finite))
+        return val, finite
+
+    if x.shape[0] == b:
+        val, finite = one(x)
+    else:
+        val, finite = jax.vmap(one)(x.reshape((x.shape[0] // b, b) + x.shape[1:]))
+        val, finite = val.reshape((-1,) + val.shape[2:]), jnp.all(finite)
+    val = jnp.reshape(val, (1, 1)).astype(jnp.promote_types(val.dtype, jnp.float32))
+    return val, finite
+
+
 #: Residual rows unembedded per batched matmul: chunks are grouped until their read rows reach
 #: about this many (one unembedding per group instead of one per chunk; see :func:`_core`).
 UNEMBED_ROWS = 1024
@@ -466,7 +535,7 @@ def _columns_only(metric) -> bool:
     return not isinstance(metric, CustomMetric) and tuple(metric) == ("logit_diff",)
 
 
-def _finish(config, params, rows, metric, ctx, n_pos: int):
+def _finish(config, params, rows, metric, ctx, n_pos: int, lazy: bool = False):
     """Metric values of many patched runs at once from their read rows ``[G, B, ...]`` (see
     :func:`_read_rows`): ``(values [G, M, B] (custom: [G, 1, 1]), all logits finite [G])``, with
     one unembedding matmul for all ``G x B`` rows."""
@@ -476,7 +545,7 @@ def _finish(config, params, rows, metric, ctx, n_pos: int):
         lg = lg.astype(jnp.promote_types(lg.dtype, jnp.float32))
         return (lg[..., 0] - lg[..., 1])[:, None], jnp.all(jnp.isfinite(lg), axis=(1, 2))
     if isinstance(metric, CustomMetric):
-        return jax.vmap(lambda x: _metric_of(config, params, x, metric.first_pos, metric, ctx, n_pos))(rows)
+        return jax.vmap(lambda x: _metric_of(config, params, x, metric.first_pos, metric, ctx, n_pos, lazy))(rows)
     logits = models.logits_at(config, params, rows)  # [G, B, V]: the rows as a [G, B] grid of positions
     vals = jax.vmap(lambda lg: _metrics.compute_ctx(metric, lg, ctx))(logits)
     return vals, jnp.all(jnp.isfinite(logits), axis=(1, 2))
@@ -599,9 +668,9 @@ def _run_with_bar(core, idx, chunk_start, chunk_bucket, n_layers: int, n_dev: in
 
 
 @partial(jax.jit, static_argnames=("config", "site", "paired", "source_stacked", "offsets", "metric", "n_pos", "mesh",
-                                   "group", "packed"))
+                                   "group", "packed", "lazy"))
 def _core(config, params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_bucket, *, site, paired,
-          source_stacked, offsets, metric, n_pos, mesh, group=1, packed=0):
+          source_stacked, offsets, metric, n_pos, mesh, group=1, packed=0, lazy=False):
     """``idx``: site-axis -> ``[n_chunks, chunk(, K)]`` (packed: plus ``"_first"``, see
     :mod:`jaxpatch.packed`). Returns the metric values ``[n_chunks, chunk, M, B]`` and whether
     each patched run's logits were all finite ``[n_chunks, chunk]``."""
@@ -621,7 +690,7 @@ def _core(config, params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_b
         def one_group(args):
             def compute(args):
                 rows = jax.lax.map(fn, args)  # [g, chunk, B, ...]
-                vals, finite = _finish(config, params, rows.reshape((g * chunk,) + rows.shape[2:]), metric, ctx, n_pos)
+                vals, finite = _finish(config, params, rows.reshape((g * chunk,) + rows.shape[2:]), metric, ctx, n_pos, lazy)
                 return vals.reshape((g, chunk) + vals.shape[1:]), finite.reshape(g, chunk)
 
             shapes = jax.eval_shape(compute, args)
@@ -647,7 +716,7 @@ def _core(config, params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_b
         def body(args):
             ix, start, bucket = args
             ix = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, along), ix)
-            vals, finite = _finish(config, params, fn((ix, start, bucket)), metric, ctx, n_pos)
+            vals, finite = _finish(config, params, fn((ix, start, bucket)), metric, ctx, n_pos, lazy)
             return jax.lax.with_sharding_constraint(vals, along), finite
 
         return jax.lax.map(body, (idx, chunk_start, chunk_bucket))
@@ -750,6 +819,8 @@ def run(
         read_positions = np.unique(np.asarray(ctx["answer_pos"]))
     noop, dead = skippable(sweep, config.n_layers, n_pos, read_positions, same_before) if skip else (
         np.zeros(sweep.size, bool), np.zeros(sweep.size, bool))
+    if skip:  # patches that write the run's own values (e.g. layer 0 at a shared token)
+        noop = noop | (unchanged(sweep, run_cache, source, source_stacked, config.n_layers, n_pos, run_ivs) & ~dead)
     if not skip:
         same_before = 0
     full_sweep, live = sweep, np.flatnonzero(~(noop | dead))
@@ -821,7 +892,7 @@ def run(
 
     core = partial(_core, config, params, run_ivs, dict(run_cache), source, dict(ctx), site=sweep.site, paired=sweep.joint,
                    source_stacked=source_stacked, offsets=pl.offsets, metric=metric, n_pos=n_pos, mesh=mesh, group=group,
-                   packed=pl.packed)
+                   packed=pl.packed, lazy=_lazy_for(metric))
     if checkpoint is not None or multi:  # dispatch groups: saved/loaded (resume.py), gathered (multihost.py)
         from . import resume as _resume
 
@@ -957,7 +1028,8 @@ def _packed_plan(config, params, sweep, run_cache, source, source_stacked, metri
         ix["_first"] = put(pl.first[: k * slots].reshape(k, slots), True)
         compiled = _core.lower(config, params, run_ivs, dict(run_cache), source, dict(ctx), ix, put(pl.chunk_start[:k], True),
                                put(pl.chunk_bucket[:k], True), site=sweep.site, paired=False, source_stacked=source_stacked,
-                               offsets=pl.offsets, metric=metric, n_pos=n_pos, mesh=mesh, group=group, packed=rows).compile()
+                               offsets=pl.offsets, metric=metric, n_pos=n_pos, mesh=mesh, group=group, packed=rows,
+                               lazy=_lazy_for(metric)).compile()
         if _planner.estimate(compiled, slots, len(pl.chunk_start) // k, resident).need() > budget:
             if pack is True:
                 raise _planner.MemoryPlanError(
@@ -991,7 +1063,7 @@ def _planned_chunk(config, params, sweep, run_cache, source, source_stacked, met
         compiled = _core.lower(config, params, run_ivs, dict(run_cache), source, dict(ctx), ix,
                                put(p.chunk_start[:k], True), put(p.chunk_bucket[:k], True), site=sweep.site,
                                paired=sweep.joint, source_stacked=source_stacked, offsets=p.offsets, metric=metric,
-                               n_pos=n_pos, mesh=mesh, group=g).compile()
+                               n_pos=n_pos, mesh=mesh, group=g, lazy=_lazy_for(metric)).compile()
         return _planner.estimate(compiled, c, len(p.chunk_start) // k, resident)
 
     return _planner.choose_chunk(measure, preferred, budget, source=said, what=f"This sweep of {sweep.site!r}")

@@ -2,7 +2,10 @@
 read: the compiled sweep program unembeds the positions from the metric's proved first read
 position on, and builds no full ``[.., pos, vocab]`` logits array padded with zeros (XLA removes
 the zero padding the engine writes for the unread positions, since the metric slices it away).
-The control, a metric that reads every position, does hold such an array, so the check can fail."""
+The control, a metric that reads every position, does hold such an array, so the check can fail.
+
+With ``LAZY_LOGITS`` (the default, :mod:`jaxpatch.lazy_logits`) a metric that gathers a few logits
+gets no vocabulary-wide array at all: each logit it reads is one dot product."""
 
 from __future__ import annotations
 
@@ -41,10 +44,12 @@ def _compiled_text(monkeypatch, metric):
 
 
 def _vocab_shapes(text):
-    return {s for s in re.findall(r"\[([0-9,]+)\]", text) if s.split(",")[-1] == str(V)}
+    """Float arrays with a vocabulary axis (the index proxy of lazy_logits is int32)."""
+    return {s for s in re.findall(r"f32\[([0-9,]+)\]", text) if s.split(",")[-1] == str(V)}
 
 
 def test_a_last_position_metric_unembeds_only_that_row(monkeypatch):
+    monkeypatch.setattr(sw, "LAZY_LOGITS", False)
     text = _compiled_text(monkeypatch, lambda lg: jnp.mean(lg[:, -1, 5] - lg[:, -1, 7]))
     shapes = _vocab_shapes(text)
     assert any(s != f"32,{V}" and s != str(V) for s in shapes), shapes  # unembedded rows are in the program
@@ -52,5 +57,11 @@ def test_a_last_position_metric_unembeds_only_that_row(monkeypatch):
 
 
 def test_control_a_metric_of_every_position_holds_full_logits(monkeypatch):
+    monkeypatch.setattr(sw, "LAZY_LOGITS", False)
     text = _compiled_text(monkeypatch, lambda lg: jnp.mean(lg[:, :, 5]))
     assert any(s.split(",")[-2:-1] == [str(T)] for s in _vocab_shapes(text))
+
+
+def test_lazy_logits_compute_no_vocabulary_wide_array(monkeypatch):
+    text = _compiled_text(monkeypatch, lambda lg: jnp.mean(lg[:, -1, 5] - lg[:, -1, 7]))
+    assert _vocab_shapes(text) <= {f"32,{V}", str(V)}, _vocab_shapes(text)  # the unembedding weights only

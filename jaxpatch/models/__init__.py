@@ -2,9 +2,9 @@
 format. Code outside this package uses only the names below, never a family.
 
 * ``forward(config, params, tokens, interventions, capture, attention_mask)`` -> logits, captures
-* ``run_context`` / ``run_blocks_from`` / ``logits_at`` / ``logits_columns`` / ``kv_sites``: the
-  pieces a sweep uses to rerun a suffix of layers and positions from a cached run and read its
-  logits (all of them, or only given tokens' columns); ``packed_layout`` / ``run_blocks_packed``:
+* ``run_context`` / ``run_blocks_from`` / ``logits_at`` / ``logits_columns`` / ``logits_elements`` /
+  ``kv_sites``: the pieces a sweep uses to rerun a suffix of layers and positions from a cached run
+  and read its logits (all of them, given tokens' columns, or single logits); ``packed_layout`` / ``run_blocks_packed``:
   several such suffix runs packed into one row axis
 * ``attention_logits`` / ``layer_windows`` / ``head_rms``: the attention's masked scores from the
   queries and keys it reads, each layer's sliding window, and the q/k norm (AtP*'s QK fix)
@@ -31,6 +31,7 @@ from .transformer import (  # noqa: F401
     kv_sites as kv_sites,
     logits_at as logits_at,
     logits_columns as logits_columns,
+    logits_elements as logits_elements,
     matmul_major_blocks as matmul_major_blocks,
     packed_layout as packed_layout,
     run_blocks_packed as run_blocks_packed,

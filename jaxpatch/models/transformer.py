@@ -645,6 +645,19 @@ def logits_columns(config: ModelConfig, params: Params, x, columns):
     return _softcap(logits, config.final_softcap)
 
 
+def logits_elements(config: ModelConfig, params: Params, x, tokens):
+    """Final norm and single logits: residual rows ``x`` ``[..., D]`` and one token id each
+    ``[...]`` -> ``[...]``, each equal to ``logits_at``'s logit of that token for that row (one dot
+    product with the token's unembedding column)."""
+    h = _norm(config, x, params["ln_f_w"], params.get("ln_f_b"), SiteHandler(NONE, frozenset()), "ln_final")
+    w_u = params["W_U"] if "W_U" in params else params["W_E"].T  # [D, V]
+    cols = jnp.moveaxis(jnp.take(w_u, tokens, axis=1), 0, -1)  # [..., D]
+    logits = jnp.einsum("...D,...D->...", h, cols.astype(h.dtype))
+    if config.unembed_bias:
+        logits = logits + jnp.take(params["b_U"], tokens).astype(logits.dtype)
+    return _softcap(logits, config.final_softcap)
+
+
 def _draw(key, shape):
     """Standard normal float32 draws, fenced off from the arithmetic that scales them: inside a
     compiled init (see :func:`jaxpatch.models.init_params`) XLA would otherwise fold the scale
