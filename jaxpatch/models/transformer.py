@@ -227,6 +227,30 @@ def _rows(a, read):
     return jnp.take_along_axis(a, read.reshape(read.shape + (1,) * (a.ndim - 2)), axis=1)
 
 
+def _unfused_qkv(c: ModelConfig, w):
+    """The fused ``[D, (N + 2K) H]`` weights as ``W_Q`` ``[N, D, H]``, ``W_K``, ``W_V`` ``[K, D, H]``."""
+    N, K, H = c.n_heads, c.n_kv_heads, c.d_head
+    D = w.shape[0]
+    parts = (w[:, : N * H], w[:, N * H: (N + K) * H], w[:, (N + K) * H:])
+    return tuple(jnp.transpose(a.reshape(D, n, H), (1, 0, 2)) for a, n in zip(parts, (N, K, K)))
+
+
+def _fused_qkv(c: ModelConfig, h, w, read):
+    """Queries ``[B, T|R, N, H]``, keys and values ``[B, T, K, H]`` of normed rows ``h`` from the
+    fused ``[D, (N + 2K) H]`` weights; with ``read``, queries of those rows only (the key/value
+    columns then multiply every row, the query columns only the read rows)."""
+    N, K, H = c.n_heads, c.n_kv_heads, c.d_head
+    B, T = h.shape[:2]
+    if read is None:
+        qkv = jnp.einsum("BTD,DX->BTX", h, w)
+        q, kv = qkv[..., : N * H], qkv[..., N * H:]
+    else:
+        q = jnp.einsum("BRD,DX->BRX", _rows(h, read), w[:, : N * H])
+        kv = jnp.einsum("BTD,DX->BTX", h, w[:, N * H:])
+    q = q.reshape(q.shape[:2] + (N, H))
+    return q, kv[..., : K * H].reshape(B, T, K, H), kv[..., K * H:].reshape(B, T, K, H)
+
+
 def block(config: ModelConfig, p: Params, x, hs: SiteHandler, ctx, prefix_kv=None, read=None):
     """One transformer block on residual stream ``x`` ``[B, T, D]`` (``p``: that layer's params).
 
@@ -256,9 +280,12 @@ def block(config: ModelConfig, p: Params, x, hs: SiteHandler, ctx, prefix_kv=Non
         hq = _norm(c, xq, p["ln1_w"], p.get("ln1_b"), nq, "blocks.ln1")
         hk = _norm(c, xk, p["ln1_w"], p.get("ln1_b"), nq, "blocks.ln1")
         hv = _norm(c, xv, p["ln1_w"], p.get("ln1_b"), nq, "blocks.ln1")
-        q = jnp.einsum("BTND,NDH->BTNH", hq, p["W_Q"])
-        k = jnp.einsum("BSKD,KDH->BSKH", hk, p["W_K"])
-        v = jnp.einsum("BSKD,KDH->BSKH", hv, p["W_V"])
+        w_q, w_k, w_v = _unfused_qkv(c, p[_FUSED_QKV]) if _FUSED_QKV in p else (p["W_Q"], p["W_K"], p["W_V"])
+        q = jnp.einsum("BTND,NDH->BTNH", hq, w_q)
+        k = jnp.einsum("BSKD,KDH->BSKH", hk, w_k)
+        v = jnp.einsum("BSKD,KDH->BSKH", hv, w_v)
+    elif _FUSED_QKV in p:  # one matmul for queries, keys and values (matmul_major_blocks)
+        q, k, v = _fused_qkv(c, h, p[_FUSED_QKV], read)
     else:
         q = jnp.einsum("BTD,NDH->BTNH", h if read is None else _rows(h, read), p["W_Q"])
         k = jnp.einsum("BSD,KDH->BSKH", h, p["W_K"])
@@ -466,6 +493,8 @@ def forward(config: ModelConfig, params: Params, tokens, interventions: Interven
 
 
 _MATMUL_MAJOR = ":matmul_major"
+#: a layer's query, key and value weights side by side ``[D, (N + 2K) H]`` (see matmul_major_blocks)
+_FUSED_QKV = "W_QKV:fused"
 #: weight -> (its stacked layout's axes moved so that each layer's matmul reads it in place, the
 #: per-layer transpose back to the layout the block names)
 _FWD = {"W_Q": (0, 2, 1, 3), "W_K": (0, 2, 1, 3), "W_V": (0, 2, 1, 3), "W_O": (0, 2, 1, 3)}
@@ -473,13 +502,27 @@ _BACK = {"W_Q": (1, 0, 2), "W_K": (1, 0, 2), "W_V": (1, 0, 2), "W_O": (1, 0, 2)}
 
 
 def matmul_major_blocks(blocks: Params) -> Params:
-    """``blocks`` with the query/key/value weights stored ``[L, D, N, H]`` (keys marked
-    ``:matmul_major``) for :func:`run_blocks_from`: transposed once per program instead of once per
-    layer per patched run (each layer's slice is then read by its matmul in place)."""
+    """``blocks`` with the attention weights stored ``[L, D, N, H]`` / ``[L, H, N, D]`` (keys
+    marked ``:matmul_major``) for :func:`run_blocks_from` / :func:`run_blocks_packed`: transposed
+    once per program instead of once per layer per patched run (each layer's slice is then read by
+    its matmul in place). The query, key and value weights are one ``[L, D, (N + 2K) H]`` matrix
+    (:data:`_FUSED_QKV`), so each layer projects its rows with one matmul three times as wide."""
     out = dict(blocks)
     for name, perm in _FWD.items():
         out[name + _MATMUL_MAJOR] = jnp.transpose(out.pop(name), perm)
+    parts = [out.pop(n + _MATMUL_MAJOR) for n in ("W_Q", "W_K", "W_V")]  # [L, D, N|K, H]
+    out[_FUSED_QKV] = jnp.concatenate([w.reshape(w.shape[:2] + (-1,)) for w in parts], axis=-1)
     return out
+
+
+def _layer_params(blocks: Params, layer) -> Params:
+    """One layer's parameters of stacked ``blocks`` (matmul-major weights in the block's layout,
+    the fused query/key/value matrix as it is: see :func:`block`)."""
+    p = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False), blocks)
+    for k in [k for k in p if k.endswith(_MATMUL_MAJOR)]:
+        name = k[: -len(_MATMUL_MAJOR)]
+        p[name] = jnp.transpose(p.pop(k), _BACK[name])
+    return p
 
 
 def run_blocks_from(config: ModelConfig, blocks: Params, x, start, run_ctx, ivs: Interventions = NONE,
@@ -509,10 +552,7 @@ def run_blocks_from(config: ModelConfig, blocks: Params, x, start, run_ctx, ivs:
     L = config.n_layers
 
     def layer_args(layer):
-        p = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False), blocks)
-        for k in [k for k in p if k.endswith(_MATMUL_MAJOR)]:  # weights stored matmul-major (matmul_major_blocks)
-            name = k[: -len(_MATMUL_MAJOR)]
-            p[name] = jnp.transpose(p.pop(k), _BACK[name])
+        p = _layer_params(blocks, layer)
         kv = None
         if pos_offset:
             kv = tuple(
@@ -595,10 +635,7 @@ def run_blocks_packed(config: ModelConfig, blocks: Params, cache, start, run_ctx
     k_index = jnp.concatenate([jnp.arange(T, dtype=jnp.int32), pos])
 
     def layer_args(layer):
-        p = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False), blocks)
-        for k in [k for k in p if k.endswith(_MATMUL_MAJOR)]:
-            name = k[: -len(_MATMUL_MAJOR)]
-            p[name] = jnp.transpose(p.pop(k), _BACK[name])
+        p = _layer_params(blocks, layer)
         ctx = {"key_mask": key_mask, "window": windows[layer], "q_index": pos, "k_index": k_index, "allowed": allowed}
         if config.positional == "rotary":
             ctx["cos"] = jax.lax.dynamic_index_in_dim(run_ctx["cos"], local[layer], 0, keepdims=False)[:, pos]
