@@ -501,27 +501,17 @@ def _lazy_for(metric) -> bool:
 
 def _lazy_metric(config, params, x, metric: CustomMetric, ctx, n_pos: int):
     """A custom metric of final residual rows ``x`` ``[B, R, D]`` (positions ``n_pos - R..``),
-    computing only the logits it reads: ``(value [1, 1], finite)``, or ``None`` where the int32
-    index proxy cannot address the logits (the caller computes them all)."""
-    b = int(metric.fn.in_aval.shape[0])
-    V, dtype = int(metric.fn.in_aval.shape[-1]), metric.fn.in_aval.dtype
-    if b * n_pos * V >= 2**31:
+    computing only the logits it reads: ``(value [1, 1], finite)``, or ``None`` (the caller
+    computes every logit) where the int32 index proxy cannot address the logits or ``x`` is not
+    one batch of the traced size."""
+    b, V = int(metric.fn.in_aval.shape[0]), int(metric.fn.in_aval.shape[-1])
+    if x.shape[0] != b or b * n_pos * V >= 2**31:
         return None
-
-    def one(rows):  # one batch of the traced size (several corrupted sets: one each)
-        lg = _lazy.Logits(rows, n_pos, V, dtype, partial(models.logits_at, config, params),
-                          partial(models.logits_elements, config, params))
-        val = jnp.asarray(_lazy.evaluate(metric.fn.jaxpr, ctx["metric_consts"], lg)[0])
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(rows))] + lg.finite))
-        return val, finite
-
-    if x.shape[0] == b:
-        val, finite = one(x)
-    else:
-        val, finite = jax.vmap(one)(x.reshape((x.shape[0] // b, b) + x.shape[1:]))
-        val, finite = val.reshape((-1,) + val.shape[2:]), jnp.all(finite)
-    val = jnp.reshape(val, (1, 1)).astype(jnp.promote_types(val.dtype, jnp.float32))
-    return val, finite
+    lg = _lazy.Logits(x, n_pos, V, metric.fn.in_aval.dtype, partial(models.logits_at, config, params),
+                      partial(models.logits_elements, config, params))
+    val = jnp.asarray(_lazy.evaluate(metric.fn.jaxpr, ctx["metric_consts"], lg)[0])
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))] + lg.finite))
+    return jnp.reshape(val, (1, 1)).astype(jnp.promote_types(val.dtype, jnp.float32)), finite
 
 
 #: Residual rows unembedded per batched matmul: chunks are grouped until their read rows reach
