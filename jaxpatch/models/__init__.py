@@ -59,18 +59,27 @@ def init_params(config, key, dtype=jnp.float32):
     """Random parameters for ``config`` (GPT-2 keeps its original draw, so seeds reproduce).
 
     One compiled program per (config, dtype): drawn eagerly, every weight shape compiled its own
-    sampler (a third of a second each, before any patching ran). The weight matrices are the
-    eager draws bit for bit; norm weights (``1 + 0.1 · normal``) may differ in the last bit (the
-    compiled program fuses the multiply-add). The training scripts draw eagerly
-    (``gpt2.init_params``), so shipped models retrain bitwise."""
+    sampler (a third of a second each, before any patching ran). Within the program every weight's
+    ``jax.random.normal`` draw is made by one batched sampler (:mod:`.init_draw`: the same numbers
+    bit for bit; one sampler per weight compiled 4-6x longer, ~5 s of a 2-core machine per config).
+    The weight matrices are the eager draws bit for bit; norm weights (``1 + 0.1 · normal``) may
+    differ in the last bit (the compiled program fuses the multiply-add). The training scripts draw
+    eagerly (``gpt2.init_params``), so shipped models retrain bitwise."""
     return _init_jit(config, key, jnp.dtype(dtype))
 
 
 @partial(jax.jit, static_argnums=(0, 2))
 def _init_jit(config, key, dtype):
+    from .init_draw import init_batched
+
+    return init_batched(_family_init(config), config, key, dtype)
+
+
+def _family_init(config):
+    """The family's ``init_params``: GPT-2 keeps its own draw order (``gpt2.init_params``)."""
     from . import gpt2, transformer
 
     if config.architecture == "gpt2" and config.positional == "learned" and config.norm == "layernorm" \
             and not config.gated_mlp and config.n_kv_heads == config.n_heads:
-        return gpt2.init_params(config, key, dtype)
-    return transformer.init_params(config, key, dtype)
+        return gpt2.init_params
+    return transformer.init_params
