@@ -17,6 +17,7 @@ from jaxpatch import sweep as sw
 from jaxpatch.config import ModelConfig
 
 CORE = sw._core  # the compiled sweep program (the tests below wrap it to see its arguments)
+CHUNK_FN = sw._chunk_fn
 D, N, K, H = 48, 4, 2, 12  # distinct sizes: a weight slice's shape cannot be something else
 LLAMA = dict(architecture="llama", positional="rotary", norm="rmsnorm", gated_mlp=True, act_fn="silu", qkv_bias=False,
              o_bias=False, mlp_bias=False, unembed_bias=False, tied_embeddings=False)
@@ -42,11 +43,31 @@ def _setup(name):
     return m, clean, corrupt, dict(answer=clean[:, -1], wrong=(clean[:, -1] + 3) % 61, mesh=None, progress=False)
 
 
-def _sweep(monkeypatch, major, name, site, by):
+def _fresh_sweep_program(monkeypatch, major):
+    """Set the flag and drop the compiled sweep programs: the flag is read when ``sw._core`` is
+    traced (in ``sw._chunk_fn``, its only reader), so only that program is traced again; the
+    model's other programs (its runs, the metric baselines) stay compiled. Returns the flags
+    ``_chunk_fn`` saw, to check that the sweep really was traced again."""
     monkeypatch.setattr(sw, "MATMUL_MAJOR", major)
-    jax.clear_caches()  # the flag is read when the program is traced
+    CORE.clear_cache()
+    seen = []
+    chunk_fn = sw._chunk_fn
+
+    def spy(*a, **k):
+        seen.append(sw.MATMUL_MAJOR)
+        return chunk_fn(*a, **k)
+
+    monkeypatch.setattr(sw, "_chunk_fn", spy)
+    return seen
+
+
+def _sweep(monkeypatch, major, name, site, by):
+    seen = _fresh_sweep_program(monkeypatch, major)
     m, clean, corrupt, kw = _setup(name)
-    return jaxpatch.activation_patch(m, clean, corrupt, site=site, by=by, metrics=("logit_diff", "kl"), **kw).per_prompt
+    out = jaxpatch.activation_patch(m, clean, corrupt, site=site, by=by, metrics=("logit_diff", "kl"), **kw).per_prompt
+    monkeypatch.setattr(sw, "_chunk_fn", CHUNK_FN)
+    assert seen and set(seen) == {major}  # traced again, with this flag
+    return out
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -60,8 +81,7 @@ def test_matmul_major_weights_equal_the_plain_layout(monkeypatch, name):
 
 
 def _weight_slice_copies(monkeypatch, major):
-    monkeypatch.setattr(sw, "MATMUL_MAJOR", major)
-    jax.clear_caches()
+    seen = _fresh_sweep_program(monkeypatch, major)
     m, clean, corrupt, kw = _setup("llama")
     calls = []
     core = CORE
@@ -73,6 +93,8 @@ def _weight_slice_copies(monkeypatch, major):
     monkeypatch.setattr(sw, "_core", spy)
     jaxpatch.activation_patch(m, clean, corrupt, site="resid_pre", **kw)
     text = core.lower(*calls[0][0], **calls[0][1]).compile().as_text()
+    monkeypatch.setattr(sw, "_chunk_fn", CHUNK_FN)
+    assert seen and set(seen) == {major}
     slices = {",".join(map(str, p)) for dims in ((N, D, H), (K, D, H), (N, H, D)) for p in itertools.permutations(dims)}
     return [s for s in re.findall(r"= f32\[([0-9,]+)\]\{[0-9,]+\} copy\(", text) if s in slices]
 
