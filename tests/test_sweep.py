@@ -147,7 +147,7 @@ def test_sweep_compiles_once_for_any_targets(model, prompts):
             rows = [{"layer": int(rng.integers(0, 3)), "pos": int(rng.integers(0, 8))} for _ in range(6)]
             spec = sw.from_rows(cfg, "blocks.hook_resid_pre", rows, 8)
             outs.append(sw.run(cfg, model.params, spec, run_cache, src["blocks.hook_resid_pre"], True, ("logit_diff",),
-                               ctx, 8, chunk_size=2, mesh=None)[0])
+                               ctx, 8, chunk_size=2, mesh=None, skip=False)[0])  # every patch runs: 6 each time
     finally:
         sw._chunk_fn = orig
     assert not np.allclose(outs[0], outs[1])
