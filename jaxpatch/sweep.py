@@ -504,11 +504,12 @@ def _lazy_metric(config, params, x, metric: CustomMetric, ctx, n_pos: int):
     computing only the logits it reads: ``(value [1, 1], finite)``, or ``None`` (the caller
     computes every logit) where the int32 index proxy cannot address the logits or ``x`` is not
     one batch of the traced size."""
-    b, V = int(metric.fn.in_aval.shape[0]), int(metric.fn.in_aval.shape[-1])
-    if x.shape[0] != b or b * n_pos * V >= 2**31:
+    if x.shape[0] != metric.fn.in_aval.shape[0]:
         return None
-    lg = _lazy.Logits(x, n_pos, V, metric.fn.in_aval.dtype, partial(models.logits_at, config, params),
-                      partial(models.logits_elements, config, params))
+    lg = _lazy.Logits(x, n_pos, metric.fn.in_aval.shape[-1], metric.fn.in_aval.dtype,
+                      partial(models.logits_at, config, params), partial(models.logits_elements, config, params))
+    if not lg.fits():
+        return None
     val = jnp.asarray(_lazy.evaluate(metric.fn.jaxpr, ctx["metric_consts"], lg)[0])
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))] + lg.finite))
     return jnp.reshape(val, (1, 1)).astype(jnp.promote_types(val.dtype, jnp.float32)), finite

@@ -391,6 +391,11 @@ def head_writes(config: ModelConfig, params: Params, caps):
     return ((rf / scale.astype(rf.dtype)) * w.astype(rf.dtype)).astype(result.dtype)
 
 
+def _unembedding(params: Params):
+    """The unembedding ``[D, V]``: ``W_U``, or the embedding's transpose for tied embeddings."""
+    return params["W_U"] if "W_U" in params else params["W_E"].T
+
+
 def unembed(config: ModelConfig, params: Params, x, hs: SiteHandler, rows=None):
     """Final norm and unembedding: ``[B, T, D] -> [B, T, V]`` logits.
 
@@ -398,7 +403,7 @@ def unembed(config: ModelConfig, params: Params, x, hs: SiteHandler, rows=None):
     ``[B, V]``. The final norm (and its hook sites) still covers every position; only the
     vocabulary matmul, most of the unembedding's cost, is restricted."""
     h = _norm(config, x, params["ln_f_w"], params.get("ln_f_b"), hs, "ln_final")
-    w_u = params["W_U"] if "W_U" in params else params["W_E"].T
+    w_u = _unembedding(params)
     if rows is None:
         logits = jnp.einsum("BTD,DV->BTV", h, w_u)
     else:
@@ -673,7 +678,7 @@ def logits_columns(config: ModelConfig, params: Params, x, columns):
     ``columns`` ``[B, C]`` token ids per prompt -> ``[..., B, C]``, equal to ``logits_at``'s
     columns (each is one dot product with that token's unembedding column)."""
     h = _norm(config, x, params["ln_f_w"], params.get("ln_f_b"), SiteHandler(NONE, frozenset()), "ln_final")
-    w_u = params["W_U"] if "W_U" in params else params["W_E"].T  # [D, V]
+    w_u = _unembedding(params)  # [D, V]
     cols = jnp.take(w_u, columns, axis=1)  # [D, B, C]
     logits = jnp.einsum("...BD,DBC->...BC", h, cols.astype(h.dtype))
     if config.unembed_bias:
@@ -687,7 +692,7 @@ def logits_elements(config: ModelConfig, params: Params, x, tokens):
     ``[...]`` -> ``[...]``, each equal to ``logits_at``'s logit of that token for that row (one dot
     product with the token's unembedding column)."""
     h = _norm(config, x, params["ln_f_w"], params.get("ln_f_b"), SiteHandler(NONE, frozenset()), "ln_final")
-    w_u = params["W_U"] if "W_U" in params else params["W_E"].T  # [D, V]
+    w_u = _unembedding(params)  # [D, V]
     cols = jnp.moveaxis(jnp.take(w_u, tokens, axis=1), 0, -1)  # [..., D]
     logits = jnp.einsum("...D,...D->...", h, cols.astype(h.dtype))
     if config.unembed_bias:
