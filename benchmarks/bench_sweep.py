@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 import jaxpatch  # noqa: E402
 from benchmarks import _harness as H  # noqa: E402
 from jaxpatch import sweep as sw  # noqa: E402
+from jaxpatch.packed import attention_keys as packed_keys  # noqa: E402
 from jaxpatch.compat import transformer_lens as jp_tl  # noqa: E402
 
 GPT2_SMALL, TINY = H.GPT2_SMALL, H.TINY
@@ -85,7 +86,7 @@ def executed_flops(c, pl: sw.Plan, B: int, T: int, R: int, unembed_cols: int) ->
     nb = len(pl.offsets)
     total = 0
     if pl.packed:  # a chunk: pl.packed rows per prompt, pl.chunk patches' read rows (jaxpatch.packed)
-        row, kv = _row_flops(c, T + pl.packed)
+        row, kv = _row_flops(c, packed_keys(pl.packed, T))
         for start, bucket in zip(pl.chunk_start, pl.chunk_bucket):
             if start >= c.n_layers:
                 continue

@@ -186,6 +186,14 @@ def chunk_fn(config, blocks, cache, source, source_stacked: bool, ctx, site: str
     return fn
 
 
+def attention_keys(rows: int, n_pos: int) -> int:
+    """Keys each packed row's query reads in a chunk of ``rows`` rows: the cached sequence and,
+    attending by tiles (:func:`jaxpatch.models.transformer.tile_rows`), two tiles of packed rows,
+    else every packed row."""
+    t = models.tile_rows(rows, n_pos) if models.transformer.TILED_ATTENTION else 0
+    return n_pos + (2 * t if t else rows)
+
+
 def executed_rows(chunk_start: np.ndarray, rows: int, n_layers: int) -> int:
     """Block-row evaluations per prompt that packed chunks execute."""
     return int(rows * np.sum(np.maximum(n_layers - np.asarray(chunk_start), 0)))

@@ -1000,10 +1000,10 @@ def _packed_plan(config, params, sweep, run_cache, source, source_stacked, metri
         chunk = default_chunk_size(sweep, batch, n_pos, position_buckets, same_before=same_before)
         vec = plan(sweep, config.n_layers, n_pos, max_offset, chunk, n_dev, position_buckets, same_before, full_last)
         # Block FLOPs per token row (matmuls, and the attention over its keys: a packed row's
-        # keys are the cached sequence and the chunk's rows).
+        # keys are the cached sequence and two tiles of the chunk's rows, or all of them).
         nh = config.n_heads * config.d_head
         row = 8 * config.d_model * nh + (6 if config.gated_mlp else 4) * config.d_model * config.d_mlp
-        packed_cost = executed_rows(pl, config.n_layers, n_pos) * (row + 4 * nh * (n_pos + pl.packed))
+        packed_cost = executed_rows(pl, config.n_layers, n_pos) * (row + 4 * nh * _packed.attention_keys(pl.packed, n_pos))
         if packed_cost >= executed_rows(vec, config.n_layers, n_pos) * (row + 4 * nh * n_pos):
             return None
     budget = _budget(params, run_ivs, run_cache, source, ctx, mesh, memory_budget)

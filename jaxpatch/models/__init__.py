@@ -37,6 +37,7 @@ from .transformer import (  # noqa: F401
     run_blocks_packed as run_blocks_packed,
     run_blocks_from as run_blocks_from,
     run_context as run_context,
+    tile_rows as tile_rows,
 )
 from .stepwise import block_at as block_at, embed_stream as embed_stream, head_writes_at as head_writes_at  # noqa: F401
 

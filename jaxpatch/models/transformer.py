@@ -251,6 +251,87 @@ def _fused_qkv(c: ModelConfig, h, w, read):
     return q, kv[..., : K * H].reshape(B, T, K, H), kv[..., K * H:].reshape(B, T, K, H)
 
 
+def _softmax_rows(scores, visible):
+    """Softmax in at least float32 over the last axis; masked entries are -inf (TransformerLens's
+    convention). A row with no visible key (a padding query) gets zeros, never NaN."""
+    s32 = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
+    any_visible = jnp.any(visible, axis=-1, keepdims=True)
+    return jax.nn.softmax(jnp.where(any_visible, s32, 0.0), axis=-1) * any_visible
+
+
+def _dense_attention(c: ModelConfig, q, k, v, prefix_kv, q_index, allowed, ctx, hs: SiteHandler, dtype):
+    """``z`` ``[B, T, N, H]``: every query against every key (the cached prefix ``prefix_kv``, then
+    ``k``/``v``), masked (see :func:`attention_logits`)."""
+    if prefix_kv is not None:
+        k = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=1)
+    group = c.n_heads // c.n_kv_heads
+    v_att = jnp.repeat(v, group, axis=2) if group > 1 else v  # query head n reads value head n // group
+    scores, visible = attention_logits(c, q, k, q_index, ctx["k_index"], ctx["window"], ctx["key_mask"], allowed)
+    scores = hs("blocks.attn.hook_attn_scores", scores)
+    pattern = hs("blocks.attn.hook_pattern", _softmax_rows(scores, visible).astype(dtype))
+    if allowed is None:
+        z = jnp.einsum("BNTS,BSNH->BTNH", pattern, v_att)
+    else:  # packed rows: another patch's NaN/inf values must not reach this one through zero weights
+        bad = ~jnp.all(jnp.isfinite(v_att), axis=(2, 3))  # [B, S]
+        seen = jnp.broadcast_to(allowed, (bad.shape[0],) + allowed.shape[-2:])  # [B, T, S]
+        leak = jnp.any(seen & bad[:, None, :], axis=-1)  # [B, T]: a key of its own run is non-finite
+        z = jnp.einsum("BNTS,BSNH->BTNH", pattern, jnp.where(bad[:, :, None, None], jnp.zeros((), v_att.dtype), v_att))
+        z = jnp.where(leak[:, :, None, None], jnp.asarray(jnp.nan, z.dtype), z)
+    return z
+
+
+def _tiled_attention(c: ModelConfig, q, k, v, prefix_kv, ctx):
+    """``z`` ``[B, R, N, H]`` of packed rows (:func:`run_blocks_packed`), by tiles of ``t`` rows.
+
+    A segment is at most ``t`` rows long, so the rows a query of tile ``j`` may attend to lie in
+    tiles ``j - 1`` and ``j``: each tile's queries read the cached keys ``[T]`` and those ``2t``
+    packed keys, not all ``R`` (the same visible keys as :func:`_dense_attention` over
+    ``T + R`` keys, whose other keys are masked). ``ctx["tiles"]`` holds the tile masks (see
+    :func:`_packed_tiles`). As in the dense path, a non-finite value of a patch's own run (its
+    segment's rows, its cached keys before its first position) makes its rows NaN, and no other
+    segment's values reach it."""
+    tl = ctx["tiles"]
+    B, R, N, H = q.shape
+    t = tl["q_index"].shape[1]
+    nt = R // t
+    group = c.n_heads // c.n_kv_heads
+    rep = (lambda a: jnp.repeat(a, group, axis=-2)) if group > 1 else (lambda a: a)  # noqa: E731
+    kc, vc = (a.astype(k.dtype) for a in prefix_kv)  # [B, T, K, H]
+    T = kc.shape[1]
+    tiled = lambda a: a.reshape((B, nt, t) + a.shape[2:])  # noqa: E731  [B, nt, t, ...]
+    scale = c.attn_scale if c.attn_scale is not None else 1.0 / math.sqrt(c.d_head)
+    qt, kt = tiled(q), tiled(rep(k))
+    # Scores against the cached keys, the previous tile's rows (none before tile 0) and the tile's
+    # own rows, side by side: [B, N, nt, t, T + 2t].
+    s_prev = jnp.einsum("BjqNH,BjsNH->BNjqs", qt[:, 1:], kt[:, :-1])
+    scores = jnp.concatenate([
+        jnp.einsum("BjqNH,BSNH->BNjqS", qt, rep(kc)),
+        jnp.concatenate([jnp.zeros_like(s_prev[:, :, :1]), s_prev], axis=2),
+        jnp.einsum("BjqNH,BjsNH->BNjqs", qt, kt)], axis=-1) * jnp.asarray(scale, q.dtype)
+    scores = _softcap(scores, c.attn_softcap)
+    qi, ki = tl["q_index"][:, :, None], tl["k_index"][:, None, :]  # [nt, t, 1], [nt, 1, T + 2t]
+    visible = (ki <= qi) & (qi - ki < ctx["window"]) & tl["allowed"]  # [nt, t, T + 2t]
+    visible = visible[None, None] & tl["key_mask"][:, None, :, None, :]  # [B, 1, nt, t, T + 2t]
+    scores = jnp.where(visible, scores, jnp.asarray(-jnp.inf, scores.dtype))
+    pattern = _softmax_rows(scores, visible).astype(q.dtype)
+    # Zero weights must not meet non-finite values of other patches' rows: those values are
+    # zeroed, and a patch whose own run holds one gets NaN rows.
+    bad_c = ~jnp.all(jnp.isfinite(vc), axis=(2, 3))  # [B, T]
+    bad_p = ~jnp.all(jnp.isfinite(v), axis=(2, 3))  # [B, R]
+    zero = lambda a, bad: jnp.where(bad[:, :, None, None], jnp.zeros((), a.dtype), a)  # noqa: E731
+    vc, vt = rep(zero(vc, bad_c)), tiled(rep(zero(v, bad_p)))
+    z_prev = jnp.einsum("BNjqs,BjsNH->BjqNH", pattern[:, :, 1:, :, T: T + t], vt[:, :-1])
+    z = (jnp.einsum("BNjqS,BSNH->BjqNH", pattern[..., :T], vc)
+         + jnp.einsum("BNjqs,BjsNH->BjqNH", pattern[..., T + t:], vt)
+         + jnp.concatenate([jnp.zeros_like(z_prev[:, :1]), z_prev], axis=1)).reshape(B, R, N, H)
+    slot, S = tl["slot"], tl["n_slots"]
+    seg_bad = jnp.zeros((B, S + 1), bool).at[:, slot].max(bad_p)  # [B, S + 1] (S: the padding rows)
+    before = jnp.arange(T, dtype=jnp.int32)[None, :] < tl["first"][:, None]  # [R, T]
+    leak = seg_bad[:, slot] | jnp.any(before[None] & bad_c[:, None, :], axis=-1)  # [B, R]
+    return jnp.where(leak[:, :, None, None], jnp.asarray(jnp.nan, z.dtype), z)
+
+
 def block(config: ModelConfig, p: Params, x, hs: SiteHandler, ctx, prefix_kv=None, read=None):
     """One transformer block on residual stream ``x`` ``[B, T, D]`` (``p``: that layer's params).
 
@@ -308,27 +389,12 @@ def block(config: ModelConfig, p: Params, x, hs: SiteHandler, ctx, prefix_kv=Non
     if c.positional == "rotary":
         q = hs("blocks.attn.hook_rot_q", apply_rotary(q, q_cos, q_sin, c.rotary_dim))
         k = hs("blocks.attn.hook_rot_k", apply_rotary(k, ctx["cos"], ctx["sin"], c.rotary_dim))
-    if prefix_kv is not None:
-        k = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=1)
-        v = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=1)
-    group = c.n_heads // c.n_kv_heads
-    v_att = jnp.repeat(v, group, axis=2) if group > 1 else v  # query head n reads value head n // group
-    scores, visible = attention_logits(c, q, k, q_index, ctx["k_index"], ctx["window"], ctx["key_mask"], allowed)
-    scores = hs("blocks.attn.hook_attn_scores", scores)
-    # Softmax in at least float32; masked entries are -inf (TransformerLens's convention). A row
-    # with no visible key (a padding query) gets zeros, never NaN.
-    s32 = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
-    any_visible = jnp.any(visible, axis=-1, keepdims=True)
-    pattern = jax.nn.softmax(jnp.where(any_visible, s32, 0.0), axis=-1) * any_visible
-    pattern = hs("blocks.attn.hook_pattern", pattern.astype(x.dtype))
-    if allowed is None:
-        z = jnp.einsum("BNTS,BSNH->BTNH", pattern, v_att)
-    else:  # packed rows: another patch's NaN/inf values must not reach this one through zero weights
-        bad = ~jnp.all(jnp.isfinite(v_att), axis=(2, 3))  # [B, S]
-        seen = jnp.broadcast_to(allowed, (bad.shape[0],) + allowed.shape[-2:])  # [B, T, S]
-        leak = jnp.any(seen & bad[:, None, :], axis=-1)  # [B, T]: a key of its own run is non-finite
-        z = jnp.einsum("BNTS,BSNH->BTNH", pattern, jnp.where(bad[:, :, None, None], jnp.zeros((), v_att.dtype), v_att))
-        z = jnp.where(leak[:, :, None, None], jnp.asarray(jnp.nan, z.dtype), z)
+    if ctx.get("tiles") is not None and read is None:  # packed rows, attention by tiles
+        if hs.wants("blocks.attn.hook_attn_scores", "blocks.attn.hook_pattern"):
+            raise JaxpatchError("internal: tiled packed attention cannot edit or capture scores or patterns.")
+        z = _tiled_attention(c, q, k, v, prefix_kv, ctx)
+    else:
+        z = _dense_attention(c, q, k, v, prefix_kv, q_index, allowed, ctx, hs, x.dtype)
     z = hs("blocks.attn.hook_z", z)
     if hs.wants("blocks.attn.hook_result"):  # per-head writes to the residual stream
         result = hs("blocks.attn.hook_result", jnp.einsum("BTNH,NHD->BTND", z, p["W_O"]))
@@ -608,6 +674,46 @@ def packed_layout(first, n_pos: int, rows: int):
     return {"slot": slot, "pos": pos, "first": jnp.where(real, first[s], 1), "start": start}
 
 
+#: Packed rows attend by tiles (:func:`_tiled_attention`: each query reads ``T + 2t`` keys, not
+#: ``T + rows``) where the rows split into at least two tiles; ``False`` is the slow twin (dense).
+TILED_ATTENTION = True
+
+
+def tile_rows(rows: int, n_pos: int) -> int:
+    """Rows per attention tile of a packed chunk of ``rows`` rows: the smallest divisor of ``rows``
+    that holds a whole segment (``>= n_pos`` rows) and leaves at least two tiles; 0 if none
+    (the chunk attends densely)."""
+    return next((t for t in range(n_pos, rows // 2 + 1) if rows % t == 0), 0)
+
+
+def _packed_tiles(layout, key_mask, T: int):
+    """Tile masks of a packed layout for :func:`_tiled_attention`, or ``None`` (dense: see
+    :func:`tile_rows`). Keys of tile ``j``: the cached positions ``0..T-1``, then the packed rows
+    of tiles ``j - 1`` and ``j`` (``2t``; before row 0, none). Returns ``dict(q_index [nt, t]``
+    (each query row's position), ``k_index [nt, T + 2t]`` (each key's position), ``allowed
+    [nt, t, T + 2t]`` (cached keys before the query's segment's first position; packed keys of its
+    own segment), ``key_mask [B, nt, T + 2t]`` (real, non-padding keys), ``slot``/``first [rows]``
+    and ``n_slots``)."""
+    pos, slot, first = layout["pos"], layout["slot"], layout["first"]
+    R = pos.shape[0]
+    t = tile_rows(R, T)
+    if not t:
+        return None
+    nt = R // t
+    kr = (jnp.arange(nt, dtype=jnp.int32)[:, None] - 1) * t + jnp.arange(2 * t, dtype=jnp.int32)[None, :]  # [nt, 2t]
+    real = kr >= 0
+    kr = jnp.maximum(kr, 0)
+    q_slot = slot.reshape(nt, t)
+    cached = jnp.arange(T, dtype=jnp.int32)[None, :] < first[:, None]  # [R, T]
+    own = real[:, None, :] & (slot[kr][:, None, :] == q_slot[:, :, None])  # [nt, t, 2t]
+    allowed = jnp.concatenate([cached.reshape(nt, t, T), own], axis=-1)
+    k_index = jnp.concatenate([jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (nt, T)), pos[kr]], axis=-1)
+    B = key_mask.shape[0]
+    km = jnp.concatenate([jnp.broadcast_to(key_mask[:, None, :], (B, nt, T)), key_mask[:, pos[kr]]], axis=-1)
+    return {"q_index": pos.reshape(nt, t), "k_index": k_index, "allowed": allowed, "key_mask": km.astype(bool),
+            "slot": slot, "first": first, "n_slots": layout["start"].shape[0]}
+
+
 def run_blocks_packed(config: ModelConfig, blocks: Params, cache, start, run_ctx, layout, hs_of, read, full_last=True):
     """Suffix runs of several patches packed into one row axis: blocks ``start..n_layers-1``.
 
@@ -616,7 +722,10 @@ def run_blocks_packed(config: ModelConfig, blocks: Params, cache, start, run_ctx
     positions from the chunk's earliest one. Row ``r`` of segment ``i`` at position ``q`` attends
     to the cached run's keys/values at positions ``< first[i]`` (unchanged under causal attention)
     and to its own segment's rows at positions ``<= q``: per segment, exactly the attention of
-    :func:`run_blocks_from` with ``pos_offset = first[i]``.
+    :func:`run_blocks_from` with ``pos_offset = first[i]``. Where the rows split into tiles of at
+    least a sequence (:func:`tile_rows`), each tile's queries read only the cached keys and the
+    packed keys of that tile and the one before it (:func:`_tiled_attention`), which hold every key
+    a segment may see.
 
     Args:
         cache: the run's ``resid`` ``[L, B, T, D]`` and :func:`kv_sites` ``k``, ``v``
@@ -638,10 +747,12 @@ def run_blocks_packed(config: ModelConfig, blocks: Params, cache, start, run_ctx
     allowed = jnp.concatenate([jnp.arange(T, dtype=jnp.int32)[None, :] < first[:, None],
                                slot[:, None] == slot[None, :]], axis=1)  # [rows, T + rows]
     k_index = jnp.concatenate([jnp.arange(T, dtype=jnp.int32), pos])
+    tiles = _packed_tiles(layout, run_ctx["key_mask"], T) if TILED_ATTENTION else None
 
     def layer_args(layer):
         p = _layer_params(blocks, layer)
-        ctx = {"key_mask": key_mask, "window": windows[layer], "q_index": pos, "k_index": k_index, "allowed": allowed}
+        ctx = {"key_mask": key_mask, "window": windows[layer], "q_index": pos, "k_index": k_index, "allowed": allowed,
+               "tiles": tiles}
         if config.positional == "rotary":
             ctx["cos"] = jax.lax.dynamic_index_in_dim(run_ctx["cos"], local[layer], 0, keepdims=False)[:, pos]
             ctx["sin"] = jax.lax.dynamic_index_in_dim(run_ctx["sin"], local[layer], 0, keepdims=False)[:, pos]
