@@ -24,6 +24,15 @@ def _forward(config, params, tokens, interventions, capture, attention_mask=None
     return models.forward(config, params, tokens, interventions, capture, attention_mask)
 
 
+@partial(jax.jit, static_argnames=("config", "capture"))
+def _forward_captures(config, params, tokens, capture, attention_mask=None):
+    """``(logits of position 0 [B, V], captures)`` of a run without interventions: the captures
+    of :func:`_forward` without unembedding every position (the vocabulary matmul is most of a
+    small model's forward)."""
+    rows = jnp.zeros((tokens.shape[0],), jnp.int32)
+    return models.forward(config, params, tokens, None, capture, attention_mask, rows=rows)
+
+
 def _spread_over_processes(params) -> bool:
     leaf = jax.tree_util.tree_leaves(params)[0]
     return isinstance(leaf, jax.Array) and not leaf.is_fully_addressable
@@ -150,6 +159,17 @@ class HookedModel:
 
             out = replicated(out)
         return out
+
+    def _captures(self, tokens, capture: frozenset, attention_mask=None):
+        """``(logits ShapeDtypeStruct [B, T, V], captures)`` of an unedited run of validated
+        ``tokens`` and ``attention_mask``, capturing canonical sites ``capture``; the logits are
+        described, not computed (callers that need only the captures skip the unembedding)."""
+        row_logits, caps = _forward_captures(self.config, self.params, tokens, capture, attention_mask)
+        if _spread_over_processes(self.params):
+            from .multihost import replicated
+
+            caps = replicated(caps)
+        return jax.ShapeDtypeStruct(tokens.shape + row_logits.shape[-1:], row_logits.dtype), caps
 
     def __call__(self, tokens, interventions: Interventions | None = None, attention_mask=None):
         """Logits ``[batch, pos, d_vocab]`` for int tokens ``[batch, pos]`` (or ``[pos]``)."""
