@@ -2,7 +2,17 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA's CPU backend compiles the tests' programs with LLVM optimisation level 0: the tests' time is
+# mostly compiling hundreds of small programs, and level 0 compiles them in about half the CPU time
+# (measured, loaded 2-core machine: the fuzz child 213 -> 122 s CPU, tests/test_report.py 88 -> 63 s);
+# the programs are the same (XLA's HLO passes, fusion, sharding and buffer assignment do not
+# depend on it), only LLVM's machine-code optimisation is off, and with it the contraction of a
+# multiply and an add into one fused multiply-add: float results can differ in the last bit from
+# a default build (as they do between CPU and GPU), so every comparison keeps its own tolerance.
+# Child processes the tests start keep the level (tests/helpers.py two_process_env), except those
+# that run as a user does (examples, training: they drop XLA_FLAGS). An XLA_FLAGS already set in
+# the environment is used as it is.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # No persistent compilation cache inside the test process: twice, a full run here (8 simulated
 # devices, hundreds of programs) died with a segmentation fault inside JAX 0.10.2's executable

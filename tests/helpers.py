@@ -109,10 +109,15 @@ def free_port() -> int:
 
 
 def two_process_env(**extra: str) -> dict:
-    """The children's environment: 2 CPU devices each (the test process's 8 are not inherited)."""
+    """The children's environment: 2 CPU devices each (the test process's 8 are not inherited), and
+    the test process's XLA backend optimisation level (tests/conftest.py), so that the children
+    compile what the test process compiles (bitwise comparisons with it)."""
     import os
+    import re
 
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu", **extra}
+    level = re.findall(r"--xla_backend_optimization_level=\S+", os.environ.get("XLA_FLAGS", ""))
+    env = {**os.environ, "XLA_FLAGS": " ".join(["--xla_force_host_platform_device_count=2"] + level[-1:]),
+           "JAX_PLATFORMS": "cpu", **extra}
     env.pop("PYTEST_CURRENT_TEST", None)
     return env
 
