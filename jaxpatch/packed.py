@@ -46,8 +46,9 @@ def max_rows(batch: int, n_pos: int) -> int:
 
 
 def slots_per_chunk(rows: int, n_pos: int) -> int:
-    """Most patches a packed chunk holds (each slot's read rows are unembedded, used or not):
-    room for suffixes of a third of the sequence on average, at least 8."""
+    """The fewest patches a packed chunk holds (each slot's read rows run the last layer and the
+    metric, used or not): room for suffixes of a third of the sequence on average, at least 8.
+    :func:`choose` also tries 2x and 4x as many (sweeps of many short suffixes)."""
     return int(min(rows, max(8, -(-3 * rows // n_pos))))
 
 
@@ -57,24 +58,27 @@ HALF_RATE_ROWS = 64
 
 
 def choose(layer: np.ndarray, first: np.ndarray, n_pos: int, batch: int) -> tuple[int, int, list]:
-    """``(rows, slots, bins)``: the packed chunk size with the least estimated time, among
-    multiples of ``n_pos`` up to :func:`max_rows` (one chunk per layer of a small sweep wastes
-    nothing; a large sweep fills large chunks). The estimate is executed block rows, each chunk's
-    at a rate falling off below :data:`HALF_RATE_ROWS` token rows per matmul."""
+    """``(rows, slots, bins)``: the packed chunk size and patches per chunk with the least
+    estimated time, among multiples of ``n_pos`` up to :func:`max_rows` rows (one chunk per layer
+    of a small sweep wastes nothing; a large sweep fills large chunks) and 1, 2 or 4 times
+    :func:`slots_per_chunk` slots (many short suffixes fill rows only with many slots). The
+    estimate is executed block rows plus one row per slot (its read rows in the last layer), each
+    chunk's at a rate falling off below :data:`HALF_RATE_ROWS` token rows per matmul."""
     cap = max_rows(batch, n_pos)
     total = int(np.sum(n_pos - first))
     cands = sorted({min(cap, n_pos * k) for k in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if n_pos * k < 2 * total} | {cap})
+    widths = (1, 2, 4)
     if len(first) > 20000:  # host time: pack() is a Python loop
-        cands = [cap]
+        cands, widths = [cap], (1,)
     best = None
     for rows in cands:
-        slots = slots_per_chunk(rows, n_pos)
-        bins = pack(layer, first, n_pos, rows, slots)
-        starts = np.asarray([layer[b].min() for b in bins])
-        work = rows * float(np.sum(layer.max() + 1 - starts))
-        cost = work * (1 + HALF_RATE_ROWS / (rows * batch))
-        if best is None or cost < best[0]:
-            best = (cost, rows, slots, bins)
+        for slots in sorted({min(rows, slots_per_chunk(rows, n_pos) * w) for w in widths}):
+            bins = pack(layer, first, n_pos, rows, slots)
+            starts = np.asarray([layer[b].min() for b in bins])
+            work = rows * float(np.sum(layer.max() + 1 - starts)) + len(bins) * slots
+            cost = work * (1 + HALF_RATE_ROWS / (rows * batch))
+            if best is None or cost < best[0]:
+                best = (cost, rows, slots, bins)
     return best[1], best[2], best[3]
 
 
