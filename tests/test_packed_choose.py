@@ -1,10 +1,15 @@
 """jaxpatch.packed.choose: the packed chunk size and patches per chunk. Many short suffixes get
 more slots than the base count (rows are not left empty for want of slots); long suffixes keep
-the base count; every bin respects its rows and slots and every patch is packed once."""
+the base count; every bin respects its rows and slots and every patch is packed once; a sweep
+run with widened slots equals vectorised chunks and one full forward per patch."""
 
 import numpy as np
 
+import jaxpatch
 from jaxpatch import packed
+from jaxpatch import sweep as sw
+from tests.test_skip import B, T, close, model  # noqa: F401  (model: a fixture; close: TOL 2e-5 relative)
+from tests.test_sweep import loop_twin
 
 
 def _check_bins(layer, first, n_pos, rows, slots, bins):
@@ -32,3 +37,24 @@ def test_long_suffixes_keep_the_base_slots():
     rows, slots, bins = packed.choose(layer, first, n_pos, batch)
     assert slots == packed.slots_per_chunk(rows, n_pos)
     _check_bins(layer, first, n_pos, rows, slots, bins)
+
+
+def test_widened_slots_sweep_equals_single_full_forwards(model):  # noqa: F811  (model: test_skip's fixture)
+    """A sweep planned with more than the base slots (prompts differing at the last position only:
+    every live head patch is one row) equals vectorised chunks and one full forward per patch."""
+    rng = np.random.default_rng(7)
+    clean = rng.integers(0, 61, (B, T))
+    corrupt = clean.copy()
+    corrupt[:, T - 1] = (corrupt[:, T - 1] + 5) % 61
+    ans, wrong = np.array([3, 4, 5]), np.array([6, 7, 8])
+    kw = dict(site="z", by=("layer", "pos", "head"), answer=ans, wrong=wrong, mesh=None)
+    wide = jaxpatch.activation_patch(model, clean, corrupt, pack=True, **kw)
+    pl = sw.last_plan
+    assert pl.packed > 0 and pl.chunk > packed.slots_per_chunk(pl.packed, T)
+    vec = jaxpatch.activation_patch(model, clean, corrupt, pack=False, skip=False, **kw)
+    assert close(wide.per_prompt, vec.per_prompt)
+    spec = sw.grid(model.config, "blocks.attn.hook_z", ("layer", "pos", "head"), T)
+    live = np.flatnonzero(np.asarray(spec.index["pos"]) == T - 1)
+    sub = sw.Sweep(spec.site, {a: np.asarray(v)[live] for a, v in spec.index.items()}, ("patch",), (live.size,))
+    ref = loop_twin(model, corrupt, clean, "blocks.attn.hook_z", sub, ans, wrong)
+    assert close(wide.per_prompt[..., 0, :].reshape(-1, B)[live], ref)
