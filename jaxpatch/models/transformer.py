@@ -187,6 +187,17 @@ def embed(config: ModelConfig, params: Params, tokens, hs: SiteHandler, position
     return e
 
 
+def _attn_scale(c: ModelConfig) -> float:
+    """The factor scores are multiplied by: the config's, else ``1 / sqrt(d_head)``."""
+    return c.attn_scale if c.attn_scale is not None else 1.0 / math.sqrt(c.d_head)
+
+
+def _in_window(qi, ki, window):
+    """Which keys at sequence indices ``ki`` a query at ``qi`` may see (broadcast): earlier or the
+    same position, within the sliding ``window``."""
+    return (ki <= qi) & (qi - ki < window)
+
+
 def attention_logits(config: ModelConfig, q, k, q_index, k_index, window, key_mask, allowed=None):
     """The attention's masked pre-softmax scores, exactly as :func:`block` computes them.
 
@@ -210,12 +221,11 @@ def attention_logits(config: ModelConfig, q, k, q_index, k_index, window, key_ma
     c = config
     group = c.n_heads // c.n_kv_heads
     k_att = jnp.repeat(k, group, axis=2) if group > 1 else k  # grouped-query attention
-    scale = c.attn_scale if c.attn_scale is not None else 1.0 / math.sqrt(c.d_head)
-    scores = jnp.einsum("BTNH,BSNH->BNTS", q, k_att) * jnp.asarray(scale, q.dtype)
+    scores = jnp.einsum("BTNH,BSNH->BNTS", q, k_att) * jnp.asarray(_attn_scale(c), q.dtype)
     scores = _softcap(scores, c.attn_softcap)
     qi = q_index[..., :, None]
     ki = k_index.reshape((1,) * (qi.ndim - 1) + k_index.shape)
-    visible = (ki <= qi) & (qi - ki < window)  # [(B,) T, S]
+    visible = _in_window(qi, ki, window)  # [(B,) T, S]
     if allowed is not None:
         visible = visible & allowed
     visible = (visible[None, None] if visible.ndim == 2 else visible[:, None]) & key_mask[:, None, None, :].astype(bool)
@@ -300,7 +310,6 @@ def _tiled_attention(c: ModelConfig, q, k, v, prefix_kv, ctx):
     kc, vc = (a.astype(k.dtype) for a in prefix_kv)  # [B, T, K, H]
     T = kc.shape[1]
     tiled = lambda a: a.reshape((B, nt, t) + a.shape[2:])  # noqa: E731  [B, nt, t, ...]
-    scale = c.attn_scale if c.attn_scale is not None else 1.0 / math.sqrt(c.d_head)
     qt, kt = tiled(q), tiled(rep(k))
     # Scores against the cached keys, the previous tile's rows (none before tile 0) and the tile's
     # own rows, side by side: [B, N, nt, t, T + 2t].
@@ -308,10 +317,10 @@ def _tiled_attention(c: ModelConfig, q, k, v, prefix_kv, ctx):
     scores = jnp.concatenate([
         jnp.einsum("BjqNH,BSNH->BNjqS", qt, rep(kc)),
         jnp.concatenate([jnp.zeros_like(s_prev[:, :, :1]), s_prev], axis=2),
-        jnp.einsum("BjqNH,BjsNH->BNjqs", qt, kt)], axis=-1) * jnp.asarray(scale, q.dtype)
+        jnp.einsum("BjqNH,BjsNH->BNjqs", qt, kt)], axis=-1) * jnp.asarray(_attn_scale(c), q.dtype)
     scores = _softcap(scores, c.attn_softcap)
     qi, ki = tl["q_index"][:, :, None], tl["k_index"][:, None, :]  # [nt, t, 1], [nt, 1, T + 2t]
-    visible = (ki <= qi) & (qi - ki < ctx["window"]) & tl["allowed"]  # [nt, t, T + 2t]
+    visible = _in_window(qi, ki, ctx["window"]) & tl["allowed"]  # [nt, t, T + 2t]
     visible = visible[None, None] & tl["key_mask"][:, None, :, None, :]  # [B, 1, nt, t, T + 2t]
     scores = jnp.where(visible, scores, jnp.asarray(-jnp.inf, scores.dtype))
     pattern = _softmax_rows(scores, visible).astype(q.dtype)
@@ -327,7 +336,7 @@ def _tiled_attention(c: ModelConfig, q, k, v, prefix_kv, ctx):
          + jnp.concatenate([jnp.zeros_like(z_prev[:, :1]), z_prev], axis=1)).reshape(B, R, N, H)
     slot, S = tl["slot"], tl["n_slots"]
     seg_bad = jnp.zeros((B, S + 1), bool).at[:, slot].max(bad_p)  # [B, S + 1] (S: the padding rows)
-    before = jnp.arange(T, dtype=jnp.int32)[None, :] < tl["first"][:, None]  # [R, T]
+    before = tl["allowed"][..., :T].reshape(R, T)  # [R, T]: the cached keys each row's patch reads
     leak = seg_bad[:, slot] | jnp.any(before[None] & bad_c[:, None, :], axis=-1)  # [B, R]
     return jnp.where(leak[:, :, None, None], jnp.asarray(jnp.nan, z.dtype), z)
 
@@ -692,8 +701,8 @@ def _packed_tiles(layout, key_mask, T: int):
     of tiles ``j - 1`` and ``j`` (``2t``; before row 0, none). Returns ``dict(q_index [nt, t]``
     (each query row's position), ``k_index [nt, T + 2t]`` (each key's position), ``allowed
     [nt, t, T + 2t]`` (cached keys before the query's segment's first position; packed keys of its
-    own segment), ``key_mask [B, nt, T + 2t]`` (real, non-padding keys), ``slot``/``first [rows]``
-    and ``n_slots``)."""
+    own segment), ``key_mask [B, nt, T + 2t]`` (real, non-padding keys), ``slot [rows]`` and
+    ``n_slots``)."""
     pos, slot, first = layout["pos"], layout["slot"], layout["first"]
     R = pos.shape[0]
     t = tile_rows(R, T)
@@ -711,7 +720,7 @@ def _packed_tiles(layout, key_mask, T: int):
     B = key_mask.shape[0]
     km = jnp.concatenate([jnp.broadcast_to(key_mask[:, None, :], (B, nt, T)), key_mask[:, pos[kr]]], axis=-1)
     return {"q_index": pos.reshape(nt, t), "k_index": k_index, "allowed": allowed, "key_mask": km.astype(bool),
-            "slot": slot, "first": first, "n_slots": layout["start"].shape[0]}
+            "slot": slot, "n_slots": layout["start"].shape[0]}
 
 
 def run_blocks_packed(config: ModelConfig, blocks: Params, cache, start, run_ctx, layout, hs_of, read, full_last=True):
