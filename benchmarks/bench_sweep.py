@@ -11,8 +11,10 @@ name near the end). For each sweep it prints:
   (median of warm runs, and the first call including compilation), the speed-ups;
 * the **live minimum**: FLOPs of only the patches and positions that can change the answer (each
   live patch recomputes the layers from its own and the positions from its first, or from the
-  first position where the prompts differ; in the last layer only keys/values except at the read
-  rows; plus the unembedding the metric needs: its two logits per prompt), and executed / live minimum;
+  first position where the prompts differ; a patch of a site after the layer's keys/values
+  (``mlp_out``, heads' ``z``) only its edited row in its own layer; in the last layer only
+  keys/values except at the read rows; plus the unembedding the metric needs: its two logits per
+  prompt), and executed / live minimum;
 * achieved GFLOP/s against the **measured ceiling**: the rate this machine reaches, in the same
   run, on jitted float32 matmuls of the block's shapes at the sweep's rows per matmul.
 
@@ -42,7 +44,9 @@ import numpy as np  # noqa: E402
 import jaxpatch  # noqa: E402
 from benchmarks import _harness as H  # noqa: E402
 from jaxpatch import sweep as sw  # noqa: E402
-from jaxpatch.packed import attention_keys as packed_keys  # noqa: E402
+from jaxpatch.interventions import ALL  # noqa: E402
+from jaxpatch.packed import attention_keys as packed_keys, main_start  # noqa: E402
+from jaxpatch.sites import LOCAL_SITES  # noqa: E402
 from jaxpatch.compat import transformer_lens as jp_tl  # noqa: E402
 
 GPT2_SMALL, TINY = H.GPT2_SMALL, H.TINY
@@ -70,16 +74,24 @@ def _row_flops(c, keys: int) -> tuple[int, int]:
     return 2 * c.d_model * nh + kv + 2 * nh * c.d_model + mlp + 4 * nh * keys, kv
 
 
-def _patch_flops(c, start: int, first: int, B: int, T: int, R: int, full_last: bool, unembed_cols: int) -> int:
+def _patch_flops(c, start: int, first: int, B: int, T: int, R: int, full_last: bool, unembed_cols: int,
+                 local: bool = False) -> int:
     """FLOPs of one patched run: layers ``start..`` at positions ``first..``; the last layer whole
-    or (keys/values for every row, the rest for the ``R`` read rows); the unembedding."""
+    or (keys/values for every row, the rest for the ``R`` read rows); the unembedding. ``local``:
+    a one-position patch of a site whose edit changes only its own row in its layer
+    (``jaxpatch.sites.LOCAL_SITES``): that layer runs for the edited row alone."""
     if start >= c.n_layers:
         return 0
     row, kv = _row_flops(c, T)
+    unembed = B * R * 2 * c.d_model * unembed_cols
+    if local:
+        if start == c.n_layers - 1:
+            return B * row + unembed
+        return B * row + _patch_flops(c, start + 1, first, B, T, R, full_last, unembed_cols)
     rows = B * (T - first)
     body = (c.n_layers - 1 - start) * rows * row
     last = rows * row if full_last else rows * kv + B * R * (row - kv)
-    return body + last + B * R * 2 * c.d_model * unembed_cols
+    return body + last + unembed
 
 
 def executed_flops(c, pl: sw.Plan, B: int, T: int, R: int, unembed_cols: int) -> int:
@@ -87,11 +99,15 @@ def executed_flops(c, pl: sw.Plan, B: int, T: int, R: int, unembed_cols: int) ->
     total = 0
     if pl.packed:  # a chunk: pl.packed rows per prompt, pl.chunk patches' read rows (jaxpatch.packed)
         row, kv = _row_flops(c, packed_keys(pl.packed, T))
+        side_row, _ = _row_flops(c, T + pl.chunk)  # side rows: one per slot, dense over cached + own keys
         for start, bucket in zip(pl.chunk_start, pl.chunk_bucket):
             if start >= c.n_layers:
                 continue
+            lo = int(main_start(np.asarray(start), c.n_layers, pl.side))
+            if lo > start:
+                total += pl.chunk * B * side_row
             rows = B * pl.packed
-            body = (c.n_layers - 1 - int(start)) * rows * row
+            body = (c.n_layers - 1 - lo) * rows * row
             last = rows * row if bucket else rows * kv + pl.chunk * B * R * (row - kv)
             total += body + last + pl.chunk * B * R * 2 * c.d_model * unembed_cols
         return total
@@ -103,7 +119,10 @@ def executed_flops(c, pl: sw.Plan, B: int, T: int, R: int, unembed_cols: int) ->
 def live_minimum_flops(c, spec: sw.Sweep, live, same_before: int, B: int, T: int, R: int, unembed_cols: int) -> int:
     layer = np.asarray(spec.index["layer"])
     first = sw._first_pos(spec, same_before)
-    return sum(_patch_flops(c, int(layer[i]), int(first[i]), B, T, R, False, unembed_cols) for i in live)
+    local = spec.site in LOCAL_SITES and not spec.joint and "pos" in spec.index
+    pos = np.asarray(spec.index["pos"]) if local else None
+    return sum(_patch_flops(c, int(layer[i]), int(first[i]), B, T, R, False, unembed_cols, local and int(pos[i]) != ALL)
+               for i in live)
 
 
 def _chunk_cell(pl) -> str:

@@ -31,7 +31,7 @@ import numpy as np
 from . import models
 from .interventions import ALL, NONE
 from .models._layers import SiteHandler
-from .sites import SITES
+from .sites import LOCAL_SITES, SITES
 
 #: Token rows (prompts x packed rows) per packed chunk: the rows each matmul sees.
 PACK_ROWS = 1024
@@ -57,13 +57,26 @@ def slots_per_chunk(rows: int, n_pos: int) -> int:
 HALF_RATE_ROWS = 64
 
 
-def choose(layer: np.ndarray, first: np.ndarray, n_pos: int, batch: int) -> tuple[int, int, list]:
+def main_start(chunk_start: np.ndarray, n_layers: int, side: bool) -> np.ndarray:
+    """The first layer a packed chunk runs for all its rows: with side rows (:func:`side_rows`)
+    the layer after its first one, unless that is the last layer."""
+    s = np.asarray(chunk_start)
+    return np.where(s < n_layers - 1, s + 1, s) if side else s
+
+
+def side_chunks(chunk_start: np.ndarray, n_layers: int, side: bool) -> int:
+    """Chunks that run their first layer for one row per slot (:func:`side_rows`)."""
+    return int(np.sum(np.asarray(chunk_start) < n_layers - 1)) if side else 0
+
+
+def choose(layer: np.ndarray, first: np.ndarray, n_pos: int, batch: int, side: bool = False) -> tuple[int, int, list]:
     """``(rows, slots, bins)``: the packed chunk size and patches per chunk with the least
     estimated time, among multiples of ``n_pos`` up to :func:`max_rows` rows (one chunk per layer
     of a small sweep wastes nothing; a large sweep fills large chunks) and 1, 2 or 4 times
     :func:`slots_per_chunk` slots (many short suffixes fill rows only with many slots). The
-    estimate is executed block rows plus one row per slot (its read rows in the last layer), each
-    chunk's at a rate falling off below :data:`HALF_RATE_ROWS` token rows per matmul."""
+    estimate is executed block rows plus one row per slot (its read rows in the last layer; with
+    ``side``, also its edited row in the chunk's first layer), each chunk's at a rate falling off
+    below :data:`HALF_RATE_ROWS` token rows per matmul."""
     cap = max_rows(batch, n_pos)
     total = int(np.sum(n_pos - first))
     cands = sorted({min(cap, n_pos * k) for k in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if n_pos * k < 2 * total} | {cap})
@@ -75,7 +88,8 @@ def choose(layer: np.ndarray, first: np.ndarray, n_pos: int, batch: int) -> tupl
         for slots in sorted({min(rows, slots_per_chunk(rows, n_pos) * w) for w in widths}):
             bins = pack(layer, first, n_pos, rows, slots)
             starts = np.asarray([layer[b].min() for b in bins])
-            work = rows * float(np.sum(layer.max() + 1 - starts)) + len(bins) * slots
+            L = layer.max() + 1
+            work = executed_rows(starts, rows, L, side, slots) + len(bins) * slots
             cost = work * (1 + HALF_RATE_ROWS / (rows * batch))
             if best is None or cost < best[0]:
                 best = (cost, rows, slots, bins)
@@ -158,6 +172,19 @@ class PackedEdits(SiteHandler):
         return jnp.where(sel, value.astype(act.dtype), act)
 
 
+#: Patches of :data:`jaxpatch.sites.LOCAL_SITES` in a chunk's first layer compute that layer for
+#: their edited row only (``side`` of :func:`jaxpatch.models.transformer.run_blocks_packed`); the
+#: chunk's segments start one layer later. ``False`` is the slow twin (every segment runs the
+#: chunk's first layer whole).
+SIDE_ROWS = True
+
+
+def side_rows(site: str) -> bool:
+    """Whether packed patches of ``site`` run their layer for the edited row alone (see
+    :data:`SIDE_ROWS`)."""
+    return SIDE_ROWS and site in LOCAL_SITES
+
+
 def chunk_fn(config, blocks, cache, source, source_stacked: bool, ctx, site: str, n_pos: int, rows: int,
              read_from: int | None = None):
     """``(idx, start, bucket) -> [slots, B, D]``: the residual row each slot's metric reads (each
@@ -183,7 +210,17 @@ def chunk_fn(config, blocks, cache, source, source_stacked: bool, ctx, site: str
         B = cache["resid"].shape[1]
         read = jnp.broadcast_to(read, (B, S, n_read)).reshape(B, S * n_read)
         hs_of = lambda layer: PackedEdits(site, idx, layout, source, source_stacked, layer, n_pos)  # noqa: E731
-        out = models.run_blocks_packed(config, blocks, cache, start, cache["ctx"], layout, hs_of, read, bucket >= 1)
+        side = None
+        if side_rows(site):
+            # Slots whose edit is in the chunk's first layer and inside their segment: the packed
+            # row of the edited position (others: `rows`, out of bounds, dropped).
+            at = idx["pos"] % n_pos
+            use = (first < n_pos) & (idx["layer"] == start) & (at >= first)
+            row = jnp.where(use, layout["start"] + at - first, rows).astype(jnp.int32)
+            one = {"slot": jnp.arange(S, dtype=jnp.int32), "pos": at.astype(jnp.int32)}
+            side = (one["pos"], row, lambda layer: PackedEdits(site, idx, one, source, source_stacked, layer, n_pos))
+        out = models.run_blocks_packed(config, blocks, cache, start, cache["ctx"], layout, hs_of, read, bucket >= 1,
+                                       side=side)
         out = jnp.swapaxes(out.reshape((B, S, n_read) + out.shape[2:]), 0, 1)  # [slots, B, n_read, D]
         return out[:, :, 0] if read_from is None else out
 
@@ -198,9 +235,11 @@ def attention_keys(rows: int, n_pos: int) -> int:
     return n_pos + (2 * t if t else rows)
 
 
-def executed_rows(chunk_start: np.ndarray, rows: int, n_layers: int) -> int:
-    """Block-row evaluations per prompt that packed chunks execute."""
-    return int(rows * np.sum(np.maximum(n_layers - np.asarray(chunk_start), 0)))
+def executed_rows(chunk_start: np.ndarray, rows: int, n_layers: int, side: bool = False, slots: int = 0) -> int:
+    """Block-row evaluations per prompt that packed chunks execute (with ``side``: plus one row per
+    slot in each chunk's first layer, see :func:`side_rows`)."""
+    lo = main_start(chunk_start, n_layers, side)
+    return int(rows * np.sum(np.maximum(n_layers - lo, 0)) + slots * side_chunks(chunk_start, n_layers, side))
 
 
 def n_chunks_for(n_bins: int, unit: int, round_chunks) -> int:

@@ -121,6 +121,21 @@ SITES: dict[str, Site] = {
     ]
 }
 
+#: Per-layer sites whose activation at position p feeds only position p of the layer's output:
+#: everything after the layer's key/value projections (and the queries, which only their own
+#: position reads). An edit of one of these at position p changes, in its layer, that row only
+#: (no key or value): in the last layer, a patch at a position the metric does not read changes
+#: nothing the metric sees (:func:`jaxpatch.sweep.skippable`); a packed patch computes its layer
+#: for the edited row alone (:func:`jaxpatch.models.transformer.run_blocks_packed`).
+LOCAL_SITES = frozenset({
+    "blocks.hook_q_input", "blocks.attn.hook_q", "blocks.attn.hook_rot_q", "blocks.attn.hook_attn_scores",
+    "blocks.attn.hook_pattern", "blocks.attn.hook_z", "blocks.attn.hook_result", "blocks.ln1_post.hook_scale",
+    "blocks.ln1_post.hook_normalized", "blocks.hook_attn_out", "blocks.hook_resid_mid", "blocks.hook_mlp_in",
+    "blocks.ln2.hook_scale", "blocks.ln2.hook_normalized", "blocks.mlp.hook_pre_linear", "blocks.mlp.hook_pre",
+    "blocks.mlp.hook_post", "blocks.ln2_post.hook_scale", "blocks.ln2_post.hook_normalized", "blocks.hook_mlp_out",
+    "blocks.hook_resid_post",
+})
+
 #: Sites computed only when someone edits or captures them (never part of a full cache).
 #: (``hook_mlp_in`` is computed always but, as in TransformerLens by default, kept out of full caches.)
 ON_DEMAND = frozenset({"blocks.hook_q_input", "blocks.hook_k_input", "blocks.hook_v_input", "blocks.attn.hook_result",

@@ -40,7 +40,7 @@ from .interventions import ALL, NONE, Edit, Interventions
 from . import models
 from . import lazy_logits as _lazy
 from . import packed as _packed
-from .sites import SITES, check_available
+from .sites import LOCAL_SITES, SITES, check_available
 from .user_metric import TracedMetric
 
 #: Grid-axis names a user may sweep over, and the site axis each indexes.
@@ -193,6 +193,7 @@ class Plan:
     packed: int = 0  # packed rows per prompt per chunk (see jaxpatch.packed); 0: vectorised chunks
     slot_of: np.ndarray | None = None  # packed: each patch's slot (index into order); None: slot i runs order[i]
     first: np.ndarray | None = None  # packed: each slot's first position (n_pos: an empty slot)
+    side: bool = False  # packed: the chunks' first layer runs for each slot's edited row only (packed.side_rows)
 
 
 def _pos_key(sweep: Sweep) -> np.ndarray:
@@ -273,7 +274,8 @@ def plan_packed(sweep: Sweep, n_layers: int, n_pos: int, max_offset: int, batch:
     n = sweep.size
     layer = np.asarray(sweep.index["layer"])
     first = _packed.first_positions(_first_pos(sweep, same_before), max_offset)
-    rows, slots, bins = _packed.choose(layer, first, n_pos, batch)
+    side = _packed.side_rows(sweep.site)
+    rows, slots, bins = _packed.choose(layer, first, n_pos, batch, side)
     n_chunks = _packed.n_chunks_for(len(bins), n_dev, _round_chunks)
     order = np.zeros(n_chunks * slots, np.int32)
     slot_first = np.full(n_chunks * slots, n_pos, np.int32)
@@ -287,7 +289,7 @@ def plan_packed(sweep: Sweep, n_layers: int, n_pos: int, max_offset: int, batch:
         chunk_start[c] = layer[ids].min()
         chunk_bucket[c] = int(full_last or layer[ids].max() == n_layers - 1)
     return Plan(order, chunk_start, chunk_bucket, (0,), slots, n, same_before=same_before, packed=rows,
-                slot_of=slot_of, first=slot_first)
+                slot_of=slot_of, first=slot_first, side=side)
 
 
 #: Rough costs used by :func:`auto_buckets`: seconds to compile one more bucket branch, and a
@@ -328,37 +330,33 @@ def executed_rows(p: Plan, n_layers: int, n_pos: int) -> int:
     """Block-row evaluations the plan executes: patches x layers run x positions recomputed (packed:
     rows per chunk x layers run)."""
     if p.packed:
-        return _packed.executed_rows(p.chunk_start, p.packed, n_layers)
+        return _packed.executed_rows(p.chunk_start, p.packed, n_layers, p.side, p.chunk)
     offs = np.asarray(p.offsets)[p.chunk_bucket % len(p.offsets)]
     return int(np.sum(p.chunk * np.maximum(n_layers - p.chunk_start, 0) * (n_pos - offs)))
 
 
 def minimal_rows(sweep: Sweep, n_layers: int, n_pos: int, same_before: int = 0, live=None) -> int:
     """Block-row evaluations strictly needed: each patch recomputes layers >= its layer at
-    positions >= its first position (and >= ``same_before``); with ``live`` (ids of the patches
-    that can change the answer, :attr:`Plan.live`; see :func:`skippable`) only those count: the
-    *live minimum*."""
+    positions >= its first position (and >= ``same_before``); a patch of one position of a
+    :data:`LOCAL_SITES` site, in its own layer only its edited row. With ``live`` (ids of the
+    patches that can change the answer, :attr:`Plan.live`; see :func:`skippable`) only those
+    count: the *live minimum*."""
     layer = np.asarray(sweep.index["layer"])
     layer = layer.min(axis=1) if layer.ndim == 2 else layer
-    rows = (n_layers - layer) * (n_pos - _first_pos(sweep, same_before))
+    after = n_pos - _first_pos(sweep, same_before)
+    rows = (n_layers - layer) * after
+    if sweep.site in LOCAL_SITES and not sweep.joint and "pos" in sweep.index:
+        one = np.asarray(sweep.index["pos"]) != ALL
+        rows = np.where(one, (n_layers - layer - 1) * after + 1, rows)
     return int(np.sum(rows if live is None else rows[np.asarray(live, np.int64)]))
 
 
 # ----------------------------------------------------------------------------------------------
 # Skipping patches that cannot change the answer (host side, exact).
 
-#: Per-layer sites whose activation at position p feeds only position p of the layer's output:
-#: everything after the layer reads keys and values (and the queries, which only their own
-#: position reads). In the last layer a patch of these at a position the metric does not read
-#: changes nothing the metric sees.
-_LOCAL_SITES = frozenset({
-    "blocks.hook_q_input", "blocks.attn.hook_q", "blocks.attn.hook_rot_q", "blocks.attn.hook_attn_scores",
-    "blocks.attn.hook_pattern", "blocks.attn.hook_z", "blocks.attn.hook_result", "blocks.ln1_post.hook_scale",
-    "blocks.ln1_post.hook_normalized", "blocks.hook_attn_out", "blocks.hook_resid_mid", "blocks.hook_mlp_in",
-    "blocks.ln2.hook_scale", "blocks.ln2.hook_normalized", "blocks.mlp.hook_pre_linear", "blocks.mlp.hook_pre",
-    "blocks.mlp.hook_post", "blocks.ln2_post.hook_scale", "blocks.ln2_post.hook_normalized", "blocks.hook_mlp_out",
-    "blocks.hook_resid_post",
-})
+#: Per-layer sites whose edit at position p changes only position p of the layer's output (see
+#: :data:`jaxpatch.sites.LOCAL_SITES`).
+_LOCAL_SITES = LOCAL_SITES
 
 
 def first_difference(a, b) -> int:

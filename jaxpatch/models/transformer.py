@@ -723,7 +723,8 @@ def _packed_tiles(layout, key_mask, T: int):
             "slot": slot, "n_slots": layout["start"].shape[0]}
 
 
-def run_blocks_packed(config: ModelConfig, blocks: Params, cache, start, run_ctx, layout, hs_of, read, full_last=True):
+def run_blocks_packed(config: ModelConfig, blocks: Params, cache, start, run_ctx, layout, hs_of, read, full_last=True,
+                      side=None):
     """Suffix runs of several patches packed into one row axis: blocks ``start..n_layers-1``.
 
     Each patch (segment) recomputes only the positions it can change, ``first..n_pos-1``
@@ -747,6 +748,14 @@ def run_blocks_packed(config: ModelConfig, blocks: Params, cache, start, run_ctx
         read: ``[B, R]`` rows the caller reads after the last block (returned ``[B, R, D]``).
         full_last: a (traced) bool: false computes only the read rows' queries, attention and MLP
             in the last block (exact when no edit applies there).
+        side: ``(pos [S], row [S], hs_of)`` for edits of a site whose edit in a layer changes that
+            layer's output at the edited row only (:data:`jaxpatch.sites.LOCAL_SITES`): layer
+            ``start`` then runs for one row per segment, at position ``pos`` (attending to the
+            cached keys before it and its own: a one-row segment), with ``hs_of(start)``'s edits;
+            segment ``i``'s result replaces packed row ``row[i]`` (``rows``: none, its edit is in a
+            later layer) of the cached residual entering layer ``start + 1``, where every segment
+            starts. The other rows of layer ``start`` cannot change there: not running them is
+            exact. Not when ``start`` is the last layer (the whole block runs as without ``side``).
     """
     windows, local = _windows(config), _local(config)
     L, T = config.n_layers, run_ctx["positions"].shape[1]
@@ -758,7 +767,7 @@ def run_blocks_packed(config: ModelConfig, blocks: Params, cache, start, run_ctx
     k_index = jnp.concatenate([jnp.arange(T, dtype=jnp.int32), pos])
     tiles = _packed_tiles(layout, run_ctx["key_mask"], T) if TILED_ATTENTION else None
 
-    def layer_args(layer):
+    def layer_args(layer, pos=pos, key_mask=key_mask, k_index=k_index, allowed=allowed, tiles=tiles):
         p = _layer_params(blocks, layer)
         ctx = {"key_mask": key_mask, "window": windows[layer], "q_index": pos, "k_index": k_index, "allowed": allowed,
                "tiles": tiles}
@@ -772,8 +781,27 @@ def run_blocks_packed(config: ModelConfig, blocks: Params, cache, start, run_ctx
         p, ctx, kv = layer_args(layer)
         return block(config, p, x, hs_of(layer), ctx, kv)
 
-    x = jax.lax.dynamic_index_in_dim(cache["resid"], jnp.minimum(start, L - 1), 0, keepdims=False)[:, pos]
-    x = jax.lax.fori_loop(start, jnp.where(full_last, L, L - 1), body, x)
+    resid_at = lambda layer: jax.lax.dynamic_index_in_dim(cache["resid"], jnp.minimum(layer, L - 1), 0, keepdims=False)  # noqa: E731
+    lo = start
+    if side is not None:
+        side_pos, side_row, side_hs = side
+        lo = jnp.where(start < L - 1, start + 1, start)  # the last layer runs whole (no cached residual after it)
+
+        def one_row_each(x):  # layer `start` for each segment's edited row alone
+            S = side_pos.shape[0]
+            own = jnp.arange(S, dtype=jnp.int32)
+            p, ctx, kv = layer_args(start, pos=side_pos,
+                                    key_mask=jnp.concatenate([run_ctx["key_mask"], run_ctx["key_mask"][:, side_pos]], axis=1),
+                                    k_index=jnp.concatenate([jnp.arange(T, dtype=jnp.int32), side_pos]),
+                                    allowed=jnp.concatenate([jnp.arange(T, dtype=jnp.int32)[None, :] < side_pos[:, None],
+                                                             own[:, None] == own[None, :]], axis=1), tiles=None)
+            y = block(config, p, resid_at(start)[:, side_pos], side_hs(start), ctx, kv)
+            return x.at[:, side_row].set(y.astype(x.dtype), mode="drop")
+
+        x = jax.lax.cond(start < L - 1, one_row_each, lambda x: x, resid_at(lo)[:, pos])
+    else:
+        x = resid_at(start)[:, pos]
+    x = jax.lax.fori_loop(lo, jnp.where(full_last, L, L - 1), body, x)
     last = jnp.asarray(L - 1, jnp.int32)
 
     def rows_only(x):  # no edit applies in the last layer: its unread rows feed nothing
