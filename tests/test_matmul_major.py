@@ -76,8 +76,13 @@ def test_matmul_major_weights_equal_the_plain_layout(monkeypatch, name):
         plain = _sweep(monkeypatch, False, name, site, by)
         major = _sweep(monkeypatch, True, name, site, by)
         assert np.ptp(plain) > 1e-2
-        # float32: the same products, read from another layout (observed bitwise equal)
-        np.testing.assert_allclose(major, plain, rtol=0, atol=1e-6 * np.abs(plain).max(), err_msg=f"{name} {site}")
+        # float32: the same products, read from another layout, but the fused query/key/value
+        # matmul sums in another order than three separate ones. Measured: up to 2.9e-7 apart on
+        # values up to 0.28 (Llama, z; 2.7e-7 before packed side rows, outside the tests' XLA
+        # flags), while the metrics subtract logits of order 1; so 1e-6 relative to
+        # max(1, |value|), the suite's convention (tests.test_skip.close), 20x tighter than its
+        # float32 tolerance.
+        np.testing.assert_allclose(major, plain, rtol=0, atol=1e-6 * max(1.0, np.abs(plain).max()), err_msg=f"{name} {site}")
 
 
 def _weight_slice_copies(monkeypatch, major):
