@@ -12,7 +12,8 @@ name near the end). For each sweep it prints:
 * the **live minimum**: FLOPs of only the patches and positions that can change the answer (each
   live patch recomputes the layers from its own and the positions from its first, or from the
   first position where the prompts differ; a patch of a site after the layer's keys/values
-  (``mlp_out``, heads' ``z``) only its edited row in its own layer; in the last layer only
+  (``mlp_out``, heads' ``z``) only its edited row in its own layer, and a patch of all positions
+  of such a site no queries, keys, values or attention there; in the last layer only
   keys/values except at the read rows; plus the unembedding the metric needs: its two logits per
   prompt), and executed / live minimum;
 * achieved GFLOP/s against the **measured ceiling**: the rate this machine reaches, in the same
@@ -75,11 +76,13 @@ def _row_flops(c, keys: int) -> tuple[int, int]:
 
 
 def _patch_flops(c, start: int, first: int, B: int, T: int, R: int, full_last: bool, unembed_cols: int,
-                 local: bool = False) -> int:
+                 local: bool = False, at_z: bool = False) -> int:
     """FLOPs of one patched run: layers ``start..`` at positions ``first..``; the last layer whole
     or (keys/values for every row, the rest for the ``R`` read rows); the unembedding. ``local``:
     a one-position patch of a site whose edit changes only its own row in its layer
-    (``jaxpatch.sites.LOCAL_SITES``): that layer runs for the edited row alone."""
+    (``jaxpatch.sites.LOCAL_SITES``): that layer runs for the edited row alone. ``at_z``: a patch
+    of a site at or after the heads' outputs (``sweep.FROM_Z_SITES``): layer ``start`` (unless the
+    last) needs no queries, keys, values or attention."""
     if start >= c.n_layers:
         return 0
     row, kv = _row_flops(c, T)
@@ -90,6 +93,9 @@ def _patch_flops(c, start: int, first: int, B: int, T: int, R: int, full_last: b
         return B * row + _patch_flops(c, start + 1, first, B, T, R, full_last, unembed_cols)
     rows = B * (T - first)
     body = (c.n_layers - 1 - start) * rows * row
+    if at_z and start < c.n_layers - 1:
+        nh = c.n_heads * c.d_head
+        body -= rows * (2 * c.d_model * nh + kv + 4 * nh * T)  # queries, keys/values, attention
     last = rows * row if full_last else rows * kv + B * R * (row - kv)
     return body + last + unembed
 
@@ -112,7 +118,8 @@ def executed_flops(c, pl: sw.Plan, B: int, T: int, R: int, unembed_cols: int) ->
             total += body + last + pl.chunk * B * R * 2 * c.d_model * unembed_cols
         return total
     for start, bucket in zip(pl.chunk_start, pl.chunk_bucket):
-        total += pl.chunk * _patch_flops(c, int(start), pl.offsets[bucket % nb], B, T, R, bucket >= nb, unembed_cols)
+        total += pl.chunk * _patch_flops(c, int(start), pl.offsets[bucket % nb], B, T, R, bucket >= nb, unembed_cols,
+                                         at_z=pl.from_z)
     return total
 
 
@@ -121,8 +128,9 @@ def live_minimum_flops(c, spec: sw.Sweep, live, same_before: int, B: int, T: int
     first = sw._first_pos(spec, same_before)
     local = spec.site in LOCAL_SITES and not spec.joint and "pos" in spec.index
     pos = np.asarray(spec.index["pos"]) if local else None
-    return sum(_patch_flops(c, int(layer[i]), int(first[i]), B, T, R, False, unembed_cols, local and int(pos[i]) != ALL)
-               for i in live)
+    at_z = spec.site in sw.FROM_Z_SITES
+    return sum(_patch_flops(c, int(layer[i]), int(first[i]), B, T, R, False, unembed_cols, local and int(pos[i]) != ALL,
+                            at_z) for i in live)
 
 
 def _chunk_cell(pl) -> str:

@@ -293,7 +293,7 @@ def activation_patch(
         spec = _sweep.grid(cfg, c, by or DEFAULT_AXES.get(c, ("layer",)), T)
 
     # --- the two reference runs and the run being patched -------------------------------------
-    capture = _sweep.run_sites(cfg) | {c}
+    capture = _sweep.run_sites(cfg, c) | {c}
     t0 = time.perf_counter()
     clean_logits, clean_caps = model.run(clean, capture=capture, attention_mask=mask)
     noise_iv = None

@@ -194,6 +194,7 @@ class Plan:
     slot_of: np.ndarray | None = None  # packed: each patch's slot (index into order); None: slot i runs order[i]
     first: np.ndarray | None = None  # packed: each slot's first position (n_pos: an empty slot)
     side: bool = False  # packed: the chunks' first layer runs for each slot's edited row only (packed.side_rows)
+    from_z: bool = False  # vectorised: the chunks' first layer starts at the cached z (enters_at_z)
 
 
 def _pos_key(sweep: Sweep) -> np.ndarray:
@@ -551,6 +552,7 @@ def _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_
     if packed:
         return _packed.chunk_fn(config, blocks, cache, source, source_stacked, ctx, site, n_pos, packed,
                                 metric.first_pos if isinstance(metric, CustomMetric) else None)
+    at_z = enters_at_z(site, cache, run_ivs)
 
     def make_branch(s):
         def one(ix, start, full):
@@ -565,8 +567,12 @@ def _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_
                 read = jnp.broadcast_to(jnp.arange(metric.first_pos - s, n_pos - s, dtype=jnp.int32), (B, n_pos - metric.first_pos))
             else:
                 read = (ctx["answer_pos"] - s)[:, None].astype(jnp.int32)
+            z0 = None
+            if at_z:
+                z0 = jax.lax.dynamic_index_in_dim(cache["z"], jnp.minimum(start, config.n_layers - 1), 0, keepdims=False)[:, s:]
             rows = models.run_blocks_from(config, blocks, x0, start, cache["ctx"], ivs, pos_offset=s,
-                                          prefix_kv=(cache["k"], cache["v"]) if s else None, read=read, full_last=full)
+                                          prefix_kv=(cache["k"], cache["v"]) if s else None, read=read, full_last=full,
+                                          first_z=z0)
             return rows if isinstance(metric, CustomMetric) else rows[:, 0]
 
         return lambda idx, start, full: jax.vmap(one, in_axes=(0, None, None))(idx, start, full)
@@ -713,18 +719,42 @@ def _core(config, params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_b
     return f(params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_bucket)
 
 
-def run_sites(config: ModelConfig) -> frozenset:
+def run_sites(config: ModelConfig, site: str | None = None) -> frozenset:
     """Sites a run must capture to be patched by a sweep: its residual stream entering each layer
-    and the keys/values a suffix rerun reads for the positions it keeps (see :func:`run_cache`)."""
-    return frozenset({"blocks.hook_resid_pre", *models.kv_sites(config)})
+    and the keys/values a suffix rerun reads for the positions it keeps (see :func:`run_cache`);
+    for a sweep of ``site`` in :data:`FROM_Z_SITES`, also the heads' outputs (see
+    :data:`ENTER_AT_Z`)."""
+    extra = {"blocks.attn.hook_z"} if ENTER_AT_Z and site in FROM_Z_SITES else set()
+    return frozenset({"blocks.hook_resid_pre", *models.kv_sites(config), *extra})
 
 
 def run_cache(config: ModelConfig, caps: Mapping[str, Any], tokens, attention_mask=None) -> dict:
     """The cache :func:`run` patches: from a run's :func:`run_sites` captures, with the run's
-    positions, key mask and rotary tables (``ctx``)."""
+    positions, key mask and rotary tables (``ctx``); ``z`` where the heads' outputs were captured."""
     k, v = models.kv_sites(config)
-    return {"resid": caps["blocks.hook_resid_pre"], "k": caps[k], "v": caps[v],
-            "ctx": models.run_context(config, jnp.asarray(tokens), attention_mask)}
+    cache = {"resid": caps["blocks.hook_resid_pre"], "k": caps[k], "v": caps[v],
+             "ctx": models.run_context(config, jnp.asarray(tokens), attention_mask)}
+    if "blocks.attn.hook_z" in caps:
+        cache["z"] = caps["blocks.attn.hook_z"]
+    return cache
+
+
+#: Sites after the heads' outputs ``z`` in a block (and ``z`` itself), whose edits leave ``z`` of
+#: their layer unchanged for every position.
+FROM_Z_SITES = LOCAL_SITES - models.transformer.BEFORE_Z
+
+#: A vectorised chunk patching a :data:`FROM_Z_SITES` site enters its first layer at ``z`` taken
+#: from the run's cache (``run_cache(...)["z"]``): no queries, keys, values or attention there
+#: (``first_z`` of :func:`jaxpatch.models.transformer.run_blocks_from`). Every patch of the chunk
+#: edits that layer at ``z`` or later, or a later layer, so ``z`` there is the run's own. ``False``
+#: is the slow twin.
+ENTER_AT_Z = True
+
+
+def enters_at_z(site: str, run_cache, run_ivs) -> bool:
+    """Whether a vectorised sweep of ``site`` enters its chunks' first layer at the cached ``z``
+    (:data:`ENTER_AT_Z`): the cache holds ``z`` and the run's own interventions edit no layer."""
+    return ENTER_AT_Z and site in FROM_Z_SITES and "z" in run_cache and not _edits_layers(run_ivs)
 
 
 def default_mesh() -> Mesh | None:
@@ -868,6 +898,7 @@ def run(
         unit = n_dev * group
         pl = plan(sweep, config.n_layers, n_pos, max_offset, chunk_size, unit, position_buckets, same_before,
                   _edits_layers(run_ivs))
+        pl = dataclasses.replace(pl, from_z=enters_at_z(sweep.site, run_cache, run_ivs))
     else:
         unit = pl.unit
         group = unit // n_dev

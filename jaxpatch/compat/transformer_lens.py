@@ -74,7 +74,7 @@ def generic_activation_patch(model: HookedModel, corrupted_tokens, clean_cache: 
     if site in ("blocks.attn.hook_pattern", "blocks.attn.hook_attn_scores") and (source.shape[1], source.shape[3]) != (B, T):
         raise InputError(f"clean_cache was computed on prompts of shape {(source.shape[1], source.shape[3])}; corrupted_tokens has shape {(B, T)}.")
     mask = check_attention_mask(attention_mask, tokens)
-    logits, caps = model._captures(tokens, _sweep.run_sites(model.config), mask)  # logits: shape and dtype only
+    logits, caps = model._captures(tokens, _sweep.run_sites(model.config, site), mask)  # logits: shape and dtype only
     metric, consts = _trace_metric(patching_metric, logits)
     spec = _sweep.grid(model.config, site, index_axis_names, T)
     # Patches at positions before the first where the clean and corrupted runs' inputs to block 0

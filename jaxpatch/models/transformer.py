@@ -341,7 +341,16 @@ def _tiled_attention(c: ModelConfig, q, k, v, prefix_kv, ctx):
     return jnp.where(leak[:, :, None, None], jnp.asarray(jnp.nan, z.dtype), z)
 
 
-def block(config: ModelConfig, p: Params, x, hs: SiteHandler, ctx, prefix_kv=None, read=None):
+#: Sites a block computes before the heads' outputs ``z``: a block entered with given ``z``
+#: (:func:`block`'s ``z``) does not compute them.
+BEFORE_Z = frozenset({
+    "blocks.hook_resid_pre", "blocks.ln1.hook_scale", "blocks.ln1.hook_normalized", "blocks.hook_q_input",
+    "blocks.hook_k_input", "blocks.hook_v_input", "blocks.attn.hook_q", "blocks.attn.hook_k", "blocks.attn.hook_v",
+    "blocks.attn.hook_rot_q", "blocks.attn.hook_rot_k", "blocks.attn.hook_attn_scores", "blocks.attn.hook_pattern",
+})
+
+
+def block(config: ModelConfig, p: Params, x, hs: SiteHandler, ctx, prefix_kv=None, read=None, z=None):
     """One transformer block on residual stream ``x`` ``[B, T, D]`` (``p``: that layer's params).
 
     ``ctx``: per-run data for this layer: ``positions`` ``[B, T]`` of the rows in ``x``,
@@ -351,8 +360,15 @@ def block(config: ModelConfig, p: Params, x, hs: SiteHandler, ctx, prefix_kv=Non
     ``read``: ``[B, R]`` row indices into ``x``: compute every row's keys and values but the
     queries, attention, MLP and output of these rows only (``[B, R, D]``): a last layer whose other
     rows nothing reads. Not with edits or captures (``hs`` must do nothing).
+    ``z``: the heads' outputs ``[B, T, N, H]`` of these rows, known already (a run's cache, where
+    nothing before them changed): the block starts there, computing no queries, keys, values or
+    attention (``hs`` must not act on :data:`BEFORE_Z` sites; not with ``read``).
     """
     c = config
+    if z is not None:
+        if read is not None or hs.wants(*BEFORE_Z):
+            raise JaxpatchError("internal: a block entered at z cannot read rows or act on sites before z.")
+        return _after_z(c, p, x, z.astype(x.dtype), hs)
     x = hs("blocks.hook_resid_pre", x)
     h = _norm(c, x, p["ln1_w"], p.get("ln1_b"), hs, "blocks.ln1")
     split = hs.wants("blocks.hook_q_input", "blocks.hook_k_input", "blocks.hook_v_input")
@@ -404,6 +420,11 @@ def block(config: ModelConfig, p: Params, x, hs: SiteHandler, ctx, prefix_kv=Non
         z = _tiled_attention(c, q, k, v, prefix_kv, ctx)
     else:
         z = _dense_attention(c, q, k, v, prefix_kv, q_index, allowed, ctx, hs, x.dtype)
+    return _after_z(c, p, x, z, hs)
+
+
+def _after_z(c: ModelConfig, p: Params, x, z, hs: SiteHandler):
+    """The rest of :func:`block` from the heads' outputs ``z`` on: output projection, MLP."""
     z = hs("blocks.attn.hook_z", z)
     if hs.wants("blocks.attn.hook_result"):  # per-head writes to the residual stream
         result = hs("blocks.attn.hook_result", jnp.einsum("BTNH,NHD->BTND", z, p["W_O"]))
@@ -606,7 +627,7 @@ def _layer_params(blocks: Params, layer) -> Params:
 
 
 def run_blocks_from(config: ModelConfig, blocks: Params, x, start, run_ctx, ivs: Interventions = NONE,
-                    pos_offset: int = 0, prefix_kv=None, read=None, full_last=True):
+                    pos_offset: int = 0, prefix_kv=None, read=None, full_last=True, first_z=None):
     """Run blocks ``start..n_layers-1`` (``start`` may be traced) on residual stream ``x``.
 
     Args:
@@ -623,6 +644,10 @@ def run_blocks_from(config: ModelConfig, blocks: Params, x, start, run_ctx, ivs:
         full_last: with ``read``, a (traced) bool: false computes the last block's queries,
             attention and MLP for the read rows only (keys and values for all), which is exact
             only when no edit of ``ivs`` applies in the last layer; true runs it whole.
+        first_z: the heads' outputs ``z`` ``[B, T - pos_offset, N, H]`` entering layer ``start``'s
+            output projection, known already (the run's cache, when ``ivs`` acts on no
+            :data:`BEFORE_Z` site of that layer): layer ``start`` computes no queries, keys,
+            values or attention. Unless ``start`` is the last layer (it then runs whole).
 
     Returns:
         the residual stream after the last block, ``[B, T - pos_offset, D]`` (``[B, R, D]`` with
@@ -645,11 +670,20 @@ def run_blocks_from(config: ModelConfig, blocks: Params, x, start, run_ctx, ivs:
         p, ctx, kv = layer_args(layer)
         return block(config, p, x, SiteHandler(ivs, frozenset(), layer, pos_offset), ctx, kv)
 
+    lo = start
+    if first_z is not None:
+        lo = jnp.where(start < L - 1, start + 1, start)
+
+        def from_z(x):
+            p, _, _ = layer_args(start)
+            return block(config, p, x, SiteHandler(ivs, frozenset(), start, pos_offset), None, z=first_z)
+
+        x = jax.lax.cond(start < L - 1, from_z, lambda x: x, x)
     if read is None:
-        return jax.lax.fori_loop(start, L, body, x)
+        return jax.lax.fori_loop(lo, L, body, x)
     # The loop runs the last block too when it must run whole (one compiled block body serves
     # both); otherwise the last block computes only the read rows.
-    x = jax.lax.fori_loop(start, jnp.where(full_last, L, L - 1), body, x)
+    x = jax.lax.fori_loop(lo, jnp.where(full_last, L, L - 1), body, x)
     last = jnp.asarray(L - 1, jnp.int32)
 
     def rows_only(x):  # no edit applies in the last layer: its unread rows feed nothing
