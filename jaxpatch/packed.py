@@ -76,7 +76,8 @@ def choose(layer: np.ndarray, first: np.ndarray, n_pos: int, batch: int, side: b
     :func:`slots_per_chunk` slots (many short suffixes fill rows only with many slots). The
     estimate is executed block rows plus one row per slot (its read rows in the last layer; with
     ``side``, also its edited row in the chunk's first layer), each chunk's at a rate falling off
-    below :data:`HALF_RATE_ROWS` token rows per matmul."""
+    below :data:`HALF_RATE_ROWS` token rows per matmul. Bins from :func:`pack` or
+    :func:`pack_fill`, whichever costs less."""
     cap = max_rows(batch, n_pos)
     total = int(np.sum(n_pos - first))
     cands = sorted({min(cap, n_pos * k) for k in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if n_pos * k < 2 * total} | {cap})
@@ -86,13 +87,14 @@ def choose(layer: np.ndarray, first: np.ndarray, n_pos: int, batch: int, side: b
     best = None
     for rows in cands:
         for slots in sorted({min(rows, slots_per_chunk(rows, n_pos) * w) for w in widths}):
-            bins = pack(layer, first, n_pos, rows, slots)
-            starts = np.asarray([layer[b].min() for b in bins])
-            L = layer.max() + 1
-            work = executed_rows(starts, rows, L, side, slots) + len(bins) * slots
-            cost = work * (1 + HALF_RATE_ROWS / (rows * batch))
-            if best is None or cost < best[0]:
-                best = (cost, rows, slots, bins)
+            for packer in (pack, pack_fill):
+                bins = packer(layer, first, n_pos, rows, slots)
+                starts = np.asarray([layer[b].min() for b in bins])
+                L = layer.max() + 1
+                work = executed_rows(starts, rows, L, side, slots) + len(bins) * slots
+                cost = work * (1 + HALF_RATE_ROWS / (rows * batch))
+                if best is None or cost < best[0]:
+                    best = (cost, rows, slots, bins)
     return best[1], best[2], best[3]
 
 
@@ -134,6 +136,46 @@ def pack(layer: np.ndarray, first: np.ndarray, n_pos: int, rows: int, slots: int
         used += n
     if cur:
         bins.append(np.asarray(cur, np.int64))
+    return bins
+
+
+def pack_fill(layer: np.ndarray, first: np.ndarray, n_pos: int, rows: int, slots: int) -> list[np.ndarray]:
+    """Like :func:`pack`, but a chunk's rows left empty by the next patch in order are filled with
+    the longest later patches that fit, nearest layer first (looking ahead ``4 x slots``
+    patches): such a patch runs from the chunk's first layer (one or a few layers it cannot
+    change), where empty rows would run every layer for nothing. A layer of suffixes ``13, 12,
+    ..., 1`` rows long then fills chunks without gaps."""
+    order = np.lexsort((first, layer))
+    lens = (n_pos - np.asarray(first, np.int64))[order]
+    lay = np.asarray(layer)[order]
+    taken = np.zeros(order.size, bool)
+    window = 4 * slots
+    bins, i = [], 0
+    while True:
+        while i < order.size and taken[i]:
+            i += 1
+        if i >= order.size:
+            break
+        cur, used, j = [], 0, i
+        while j < order.size and len(cur) < slots:  # in order while they fit
+            if not taken[j]:
+                if used + lens[j] > rows:
+                    break
+                taken[j] = True
+                cur.append(j)
+                used += lens[j]
+            j += 1
+        while len(cur) < slots and used < rows:  # fill the gap from the patches after
+            ahead = np.arange(j, min(order.size, j + window))
+            ok = ahead[~taken[ahead] & (lens[ahead] <= rows - used)]
+            if ok.size == 0:
+                break
+            near = ok[lay[ok] == lay[ok].min()]
+            k = near[np.argmax(lens[near])]
+            taken[k] = True
+            cur.append(int(k))
+            used += lens[k]
+        bins.append(order[np.asarray(cur, np.int64)])
     return bins
 
 

@@ -268,13 +268,18 @@ def plan(sweep: Sweep, n_layers: int, n_pos: int, max_offset: int, chunk: int, n
 
 
 def plan_packed(sweep: Sweep, n_layers: int, n_pos: int, max_offset: int, batch: int, n_dev: int = 1,
-                same_before: int = 0, full_last: bool = False) -> Plan:
+                same_before: int = 0, full_last: bool = False, unread=None) -> Plan:
     """A packed plan (see :mod:`jaxpatch.packed`): chunks of at most ``slots`` patches whose
     suffixes fill at most ``rows`` rows (both chosen by :func:`jaxpatch.packed.choose`);
-    ``chunk_bucket`` is 1 where a chunk edits the last layer (or ``full_last``), else 0."""
+    ``chunk_bucket`` is 1 where a chunk edits the last layer (or ``full_last``), else 0.
+    ``unread`` ``[P]``: patches that cannot change what the metric reads (a skipped patches'
+    representative, see :func:`run`): their segments hold only the positions read (from
+    ``max_offset``), whatever they edit, and their edits in the last layer need not run."""
     n = sweep.size
     layer = np.asarray(sweep.index["layer"])
     first = _packed.first_positions(_first_pos(sweep, same_before), max_offset)
+    quiet = np.zeros(n, bool) if unread is None else np.asarray(unread, bool)
+    first = np.where(quiet, max_offset, first).astype(np.int32)
     side = _packed.side_rows(sweep.site)
     rows, slots, bins = _packed.choose(layer, first, n_pos, batch, side)
     n_chunks = _packed.n_chunks_for(len(bins), n_dev, _round_chunks)
@@ -288,7 +293,7 @@ def plan_packed(sweep: Sweep, n_layers: int, n_pos: int, max_offset: int, batch:
         order[at], slot_first[at], slot_of[ids] = ids, first[ids], at
         order[c * slots + ids.size : (c + 1) * slots] = ids[-1]  # empty slots: no rows, no edit
         chunk_start[c] = layer[ids].min()
-        chunk_bucket[c] = int(full_last or layer[ids].max() == n_layers - 1)
+        chunk_bucket[c] = int(full_last or (layer[ids][~quiet[ids]] == n_layers - 1).any())  # an edit in the last layer
     return Plan(order, chunk_start, chunk_bucket, (0,), slots, n, same_before=same_before, packed=rows,
                 slot_of=slot_of, first=slot_first, side=side)
 
@@ -884,8 +889,9 @@ def run(
             n_pos, chunk_size, position_buckets))
         params = _multihost.place_params(params, mesh)
         run_ivs, run_cache, source, ctx = _multihost.replicate((run_ivs, dict(run_cache), source, dict(ctx)), mesh)
+    unread = None if rep is None else ran == rep  # the skipped patches' representative: its rows change nothing
     pl = _packed_plan(config, params, sweep, run_cache, source, source_stacked, metric, ctx, n_pos, run_ivs, mesh, n_dev,
-                      max_offset, position_buckets, chunk_size, memory_budget, same_before, pack, B)
+                      max_offset, position_buckets, chunk_size, memory_budget, same_before, pack, B, unread)
     if pl is None:  # vectorised chunks
         if chunk_size is None:
             chunk_size = default_chunk_size(sweep, B, n_pos, position_buckets, same_before=same_before)
@@ -1003,7 +1009,7 @@ def _budget(params, run_ivs, run_cache, source, ctx, mesh, memory_budget):
 
 
 def _packed_plan(config, params, sweep, run_cache, source, source_stacked, metric, ctx, n_pos, run_ivs, mesh, n_dev,
-                 max_offset, position_buckets, chunk_size, memory_budget, same_before, pack, batch) -> Plan | None:
+                 max_offset, position_buckets, chunk_size, memory_budget, same_before, pack, batch, unread=None) -> Plan | None:
     """The packed plan of ``sweep`` (see :mod:`jaxpatch.packed`), or ``None`` to run vectorised
     chunks (``pack`` and :func:`run`'s docstring say when)."""
     if pack not in (True, False, "auto") or not isinstance(pack, (bool, str)):
@@ -1019,11 +1025,11 @@ def _packed_plan(config, params, sweep, run_cache, source, source_stacked, metri
     if not ok or (pack == "auto" and chunk_size is not None):
         return None
     full_last = _edits_layers(run_ivs)
-    pl = plan_packed(sweep, config.n_layers, n_pos, max_offset, batch, n_dev, same_before, full_last)
+    pl = plan_packed(sweep, config.n_layers, n_pos, max_offset, batch, n_dev, same_before, full_last, unread)
     rows, slots = pl.packed, pl.chunk
     group = _unembed_group(metric, batch, n_pos, slots, mesh, sweep.size)
     if group > 1:  # whole unembedding groups per device
-        pl = plan_packed(sweep, config.n_layers, n_pos, max_offset, batch, n_dev * group, same_before, full_last)
+        pl = plan_packed(sweep, config.n_layers, n_pos, max_offset, batch, n_dev * group, same_before, full_last, unread)
     pl = dataclasses.replace(pl, unit=n_dev * group)
     if pack == "auto":
         chunk = default_chunk_size(sweep, batch, n_pos, position_buckets, same_before=same_before)
