@@ -84,13 +84,12 @@ def choose(layer: np.ndarray, first: np.ndarray, n_pos: int, batch: int, side: b
     widths = (1, 2, 4)
     if len(first) > 20000:  # host time: pack() is a Python loop
         cands, widths = [cap], (1,)
-    best = None
+    best, L = None, int(layer.max()) + 1
     for rows in cands:
         for slots in sorted({min(rows, slots_per_chunk(rows, n_pos) * w) for w in widths}):
             for packer in (pack, pack_fill):
                 bins = packer(layer, first, n_pos, rows, slots)
                 starts = np.asarray([layer[b].min() for b in bins])
-                L = layer.max() + 1
                 work = executed_rows(starts, rows, L, side, slots) + len(bins) * slots
                 cost = work * (1 + HALF_RATE_ROWS / (rows * batch))
                 if best is None or cost < best[0]:
