@@ -113,8 +113,11 @@ def executed_flops(c, pl: sw.Plan, B: int, T: int, R: int, unembed_cols: int) ->
             if lo > start:
                 total += pl.chunk * B * side_row
             rows = B * pl.packed
+            if pl.lead and bucket // 2 % 2:  # its first layer for its first pl.lead rows alone (packed.lead_fits)
+                lo = int(start) + 1
+                total += B * pl.lead * _row_flops(c, packed_keys(pl.lead, T))[0]
             body = (c.n_layers - 1 - lo) * rows * row
-            last = rows * row if bucket else rows * kv + pl.chunk * B * R * (row - kv)
+            last = rows * row if bucket % 2 else rows * kv + pl.chunk * B * R * (row - kv)
             total += body + last + pl.chunk * B * R * 2 * c.d_model * unembed_cols
         return total
     for start, bucket in zip(pl.chunk_start, pl.chunk_bucket):

@@ -23,6 +23,7 @@ slow twin the tests compare against.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -69,15 +70,29 @@ def side_chunks(chunk_start: np.ndarray, n_layers: int, side: bool) -> int:
     return int(np.sum(np.asarray(chunk_start) < n_layers - 1)) if side else 0
 
 
-def choose(layer: np.ndarray, first: np.ndarray, n_pos: int, batch: int, side: bool = False) -> tuple[int, int, list]:
-    """``(rows, slots, bins)``: the packed chunk size and patches per chunk with the least
-    estimated time, among multiples of ``n_pos`` up to :func:`max_rows` rows (one chunk per layer
-    of a small sweep wastes nothing; a large sweep fills large chunks) and 1, 2 or 4 times
+class Choice(NamedTuple):
+    """A packed plan's shape (:func:`choose`): ``rows`` per chunk, ``slots`` (patches) per chunk,
+    ``bins`` (patch ids per chunk), ``lead`` (0, or the rows that run a chunk's first layer where
+    ``lead_ok`` ``[chunks]`` holds: see :func:`lead_fits`)."""
+
+    rows: int
+    slots: int
+    bins: list
+    lead: int = 0
+    lead_ok: np.ndarray | None = None
+
+
+def choose(layer: np.ndarray, first: np.ndarray, n_pos: int, batch: int, side: bool = False,
+           lead: bool = False) -> Choice:
+    """The packed chunk size, patches per chunk and bins with the least estimated time, among
+    multiples of ``n_pos`` up to :func:`max_rows` rows (one chunk per layer of a small sweep
+    wastes nothing; a large sweep fills large chunks) and 1, 2 or 4 times
     :func:`slots_per_chunk` slots (many short suffixes fill rows only with many slots). The
     estimate is executed block rows plus one row per slot (its read rows in the last layer; with
     ``side``, also its edited row in the chunk's first layer), each chunk's at a rate falling off
     below :data:`HALF_RATE_ROWS` token rows per matmul. Bins from :func:`pack` or
-    :func:`pack_fill`, whichever costs less."""
+    :func:`pack_fill`, whichever costs less. With ``lead`` (and not ``side``) each candidate is
+    also costed with each of :func:`lead_candidates` lead rows (see :func:`lead_fits`)."""
     cap = max_rows(batch, n_pos)
     total = int(np.sum(n_pos - first))
     cands = sorted({min(cap, n_pos * k) for k in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if n_pos * k < 2 * total} | {cap})
@@ -85,16 +100,55 @@ def choose(layer: np.ndarray, first: np.ndarray, n_pos: int, batch: int, side: b
     if len(first) > 20000:  # host time: pack() is a Python loop
         cands, widths = [cap], (1,)
     best, L = None, int(layer.max()) + 1
+    rate = lambda r: 1 + HALF_RATE_ROWS / (r * batch)  # noqa: E731  time per row, relative
     for rows in cands:
         for slots in sorted({min(rows, slots_per_chunk(rows, n_pos) * w) for w in widths}):
             for packer in (pack, pack_fill):
                 bins = packer(layer, first, n_pos, rows, slots)
                 starts = np.asarray([layer[b].min() for b in bins])
                 work = executed_rows(starts, rows, L, side, slots) + len(bins) * slots
-                cost = work * (1 + HALF_RATE_ROWS / (rows * batch))
-                if best is None or cost < best[0]:
-                    best = (cost, rows, slots, bins)
-    return best[1], best[2], best[3]
+                options = [(work * rate(rows), Choice(rows, slots, bins))]
+                for k in lead_candidates(rows, n_pos) if lead and not side else ():
+                    ok = lead_fits(layer, first, n_pos, bins, k, L)
+                    n = int(ok.sum())
+                    if n:
+                        options.append(((work - n * rows) * rate(rows) + n * k * rate(k), Choice(rows, slots, bins, k, ok)))
+                for cost, choice in options:
+                    if best is None or cost < best[0]:
+                        best = (cost, choice)
+    return best[1]
+
+
+#: Packed chunks of sites outside :data:`jaxpatch.sites.LOCAL_SITES` (``resid_pre``, keys,
+#: values...) may run their first layer for their first rows alone (:func:`lead_fits`; ``lead`` of
+#: :func:`jaxpatch.models.transformer.run_blocks_packed`): a chunk that starts with a layer's last
+#: few patches and fills up with the next layer's then runs the first layer only for the few.
+#: ``False`` is the slow twin (every chunk runs its first layer whole).
+LEAD_ROWS = True
+
+
+def lead_candidates(rows: int, n_pos: int) -> tuple[int, ...]:
+    """Lead sizes :func:`choose` tries for chunks of ``rows`` rows: one sequence to four
+    sequences, at most half the chunk."""
+    return tuple(k for k in sorted({n_pos, 3 * n_pos // 2, 2 * n_pos, 3 * n_pos, 4 * n_pos})
+                 if k <= rows // 2)
+
+
+def lead_fits(layer: np.ndarray, first: np.ndarray, n_pos: int, bins, lead: int, n_layers: int) -> np.ndarray:
+    """``[len(bins)]`` bool: whether each chunk may run its first layer for its first ``lead``
+    packed rows alone. It may when that layer is not the last one and every patch editing it lies
+    within those rows (segments laid out in bin order, :func:`jaxpatch.models.transformer.packed_layout`):
+    the other rows belong to patches of later layers, unchanged in the first one, and enter the
+    next layer from the cached residual. ``layer``: the layers the plan packs by (an unread patch,
+    planned as a last-layer one by :func:`jaxpatch.sweep.plan_packed`, may lie after the lead
+    whatever layer it edits: its edit changes nothing the metric reads)."""
+    ok = np.zeros(len(bins), bool)
+    for c, b in enumerate(bins):
+        lay = np.asarray(layer)[b]
+        s = lay.min()
+        ends = np.cumsum(np.maximum(n_pos - np.asarray(first)[b], 0))
+        ok[c] = s < n_layers - 1 and bool(np.all(ends[lay == s] <= lead))
+    return ok
 
 
 def eligible(sweep, source, source_stacked: bool, run_edits_layers: bool, two_d_mesh: bool) -> bool:
@@ -227,13 +281,14 @@ def side_rows(site: str) -> bool:
 
 
 def chunk_fn(config, blocks, cache, source, source_stacked: bool, ctx, site: str, n_pos: int, rows: int,
-             read_from: int | None = None):
+             read_from: int | None = None, lead: int = 0):
     """``(idx, start, bucket) -> [slots, B, D]``: the residual row each slot's metric reads (each
     prompt's answer position); with ``read_from`` (a custom metric reading positions
     ``read_from..n_pos-1``) ``[slots, B, n_pos - read_from, D]``. ``idx`` holds the patches'
     indices ``[slots]`` and ``"_first"`` (each slot's first position, ``n_pos`` for an empty
-    slot; never past the first position read); ``bucket`` is 1 when an edit applies in the last
-    layer."""
+    slot; never past the first position read); ``bucket``'s bit 0 is set when an edit applies in
+    the last layer, bit 1 when the chunk's first layer runs for its first ``lead`` rows alone
+    (:func:`lead_fits`)."""
 
     def fn(args):
         idx, start, bucket = args
@@ -260,8 +315,13 @@ def chunk_fn(config, blocks, cache, source, source_stacked: bool, ctx, site: str
             row = jnp.where(use, layout["start"] + at - first, rows).astype(jnp.int32)
             one = {"slot": jnp.arange(S, dtype=jnp.int32), "pos": at.astype(jnp.int32)}
             side = (one["pos"], row, lambda layer: PackedEdits(site, idx, one, source, source_stacked, layer, n_pos))
-        out = models.run_blocks_packed(config, blocks, cache, start, cache["ctx"], layout, hs_of, read, bucket >= 1,
-                                       side=side)
+        lead_args = None
+        if lead and side is None:
+            head = {n: layout[n][:lead] for n in ("slot", "pos")}
+            lead_args = (lead, bucket // 2 % 2 == 1,
+                         lambda layer: PackedEdits(site, idx, head, source, source_stacked, layer, n_pos))
+        out = models.run_blocks_packed(config, blocks, cache, start, cache["ctx"], layout, hs_of, read, bucket % 2 == 1,
+                                       side=side, lead=lead_args)
         out = jnp.swapaxes(out.reshape((B, S, n_read) + out.shape[2:]), 0, 1)  # [slots, B, n_read, D]
         return out[:, :, 0] if read_from is None else out
 
@@ -276,11 +336,16 @@ def attention_keys(rows: int, n_pos: int) -> int:
     return n_pos + (2 * t if t else rows)
 
 
-def executed_rows(chunk_start: np.ndarray, rows: int, n_layers: int, side: bool = False, slots: int = 0) -> int:
+def executed_rows(chunk_start: np.ndarray, rows: int, n_layers: int, side: bool = False, slots: int = 0,
+                  lead: int = 0, lead_ok=None) -> int:
     """Block-row evaluations per prompt that packed chunks execute (with ``side``: plus one row per
-    slot in each chunk's first layer, see :func:`side_rows`)."""
+    slot in each chunk's first layer, see :func:`side_rows`; chunks flagged in ``lead_ok`` run
+    their first layer for ``lead`` rows, see :func:`lead_fits`)."""
     lo = main_start(chunk_start, n_layers, side)
-    return int(rows * np.sum(np.maximum(n_layers - lo, 0)) + slots * side_chunks(chunk_start, n_layers, side))
+    n = int(rows * np.sum(np.maximum(n_layers - lo, 0)) + slots * side_chunks(chunk_start, n_layers, side))
+    if lead and lead_ok is not None:
+        n -= int(np.sum(np.asarray(lead_ok, bool))) * (rows - lead)
+    return n
 
 
 def n_chunks_for(n_bins: int, unit: int, round_chunks) -> int:

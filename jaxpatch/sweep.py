@@ -194,6 +194,7 @@ class Plan:
     slot_of: np.ndarray | None = None  # packed: each patch's slot (index into order); None: slot i runs order[i]
     first: np.ndarray | None = None  # packed: each slot's first position (n_pos: an empty slot)
     side: bool = False  # packed: the chunks' first layer runs for each slot's edited row only (packed.side_rows)
+    lead: int = 0  # packed: chunks whose chunk_bucket has bit 1 run their first layer for this many rows (packed.lead_fits)
     from_z: bool = False  # vectorised: the chunks' first layer starts at the cached z (enters_at_z)
 
 
@@ -281,7 +282,11 @@ def plan_packed(sweep: Sweep, n_layers: int, n_pos: int, max_offset: int, batch:
     quiet = np.zeros(n, bool) if unread is None else np.asarray(unread, bool)
     first = np.where(quiet, max_offset, first).astype(np.int32)
     side = _packed.side_rows(sweep.site)
-    rows, slots, bins = _packed.choose(layer, first, n_pos, batch, side)
+    # An unread patch changes nothing the metric reads, so it may run in any chunk (from any
+    # layer: its edit, applied or not, is a no-op there): plan it as a last-layer patch.
+    layer = np.where(quiet, n_layers - 1, layer)
+    ch = _packed.choose(layer, first, n_pos, batch, side, lead=_packed.LEAD_ROWS)
+    rows, slots, bins = ch.rows, ch.slots, ch.bins
     n_chunks = _packed.n_chunks_for(len(bins), n_dev, _round_chunks)
     order = np.zeros(n_chunks * slots, np.int32)
     slot_first = np.full(n_chunks * slots, n_pos, np.int32)
@@ -294,8 +299,10 @@ def plan_packed(sweep: Sweep, n_layers: int, n_pos: int, max_offset: int, batch:
         order[c * slots + ids.size : (c + 1) * slots] = ids[-1]  # empty slots: no rows, no edit
         chunk_start[c] = layer[ids].min()
         chunk_bucket[c] = int(full_last or (layer[ids][~quiet[ids]] == n_layers - 1).any())  # an edit in the last layer
+        if ch.lead:
+            chunk_bucket[c] += 2 * int(ch.lead_ok[c])  # its first layer runs for the first ch.lead rows alone
     return Plan(order, chunk_start, chunk_bucket, (0,), slots, n, same_before=same_before, packed=rows,
-                slot_of=slot_of, first=slot_first, side=side)
+                slot_of=slot_of, first=slot_first, side=side, lead=ch.lead)
 
 
 #: Rough costs used by :func:`auto_buckets`: seconds to compile one more bucket branch, and a
@@ -336,7 +343,7 @@ def executed_rows(p: Plan, n_layers: int, n_pos: int) -> int:
     """Block-row evaluations the plan executes: patches x layers run x positions recomputed (packed:
     rows per chunk x layers run)."""
     if p.packed:
-        return _packed.executed_rows(p.chunk_start, p.packed, n_layers, p.side, p.chunk)
+        return _packed.executed_rows(p.chunk_start, p.packed, n_layers, p.side, p.chunk, p.lead, p.chunk_bucket // 2 % 2 == 1)
     offs = np.asarray(p.offsets)[p.chunk_bucket % len(p.offsets)]
     return int(np.sum(p.chunk * np.maximum(n_layers - p.chunk_start, 0) * (n_pos - offs)))
 
@@ -552,11 +559,12 @@ def _finish(config, params, rows, metric, ctx, n_pos: int, lazy: bool = False):
 MATMUL_MAJOR = True
 
 
-def _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_stacked, offsets, metric, n_pos, packed=0):
+def _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_stacked, offsets, metric, n_pos, packed=0,
+              lead=0):
     blocks = models.matmul_major_blocks(params["blocks"]) if MATMUL_MAJOR else params["blocks"]
     if packed:
         return _packed.chunk_fn(config, blocks, cache, source, source_stacked, ctx, site, n_pos, packed,
-                                metric.first_pos if isinstance(metric, CustomMetric) else None)
+                                metric.first_pos if isinstance(metric, CustomMetric) else None, lead)
     at_z = enters_at_z(site, cache, run_ivs)
 
     def make_branch(s):
@@ -668,9 +676,9 @@ def _run_with_bar(core, idx, chunk_start, chunk_bucket, n_layers: int, n_dev: in
 
 
 @partial(jax.jit, static_argnames=("config", "site", "paired", "source_stacked", "offsets", "metric", "n_pos", "mesh",
-                                   "group", "packed", "lazy"))
+                                   "group", "packed", "lead", "lazy"))
 def _core(config, params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_bucket, *, site, paired,
-          source_stacked, offsets, metric, n_pos, mesh, group=1, packed=0, lazy=False):
+          source_stacked, offsets, metric, n_pos, mesh, group=1, packed=0, lead=0, lazy=False):
     """``idx``: site-axis -> ``[n_chunks, chunk(, K)]`` (packed: plus ``"_first"``, see
     :mod:`jaxpatch.packed`). Returns the metric values ``[n_chunks, chunk, M, B]`` and whether
     each patched run's logits were all finite ``[n_chunks, chunk]``."""
@@ -679,7 +687,7 @@ def _core(config, params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_b
         # Groups of g chunks: each chunk's patched runs yield the residual rows the metric reads;
         # a group's rows are unembedded together (one large matmul, not g small ones).
         fn = _chunk_fn(config, params, run_ivs, cache, source, ctx, site, paired, source_stacked, offsets, metric, n_pos,
-                       packed)
+                       packed, lead)
         n_chunks, chunk = chunk_start.shape[0], jax.tree.leaves(idx)[0].shape[1]
         g = group  # the plan makes every dispatch (and every device's share) whole groups of g chunks
         if n_chunks % g:
@@ -918,7 +926,7 @@ def run(
 
     core = partial(_core, config, params, run_ivs, dict(run_cache), source, dict(ctx), site=sweep.site, paired=sweep.joint,
                    source_stacked=source_stacked, offsets=pl.offsets, metric=metric, n_pos=n_pos, mesh=mesh, group=group,
-                   packed=pl.packed, lazy=_lazy_for(metric))
+                   packed=pl.packed, lead=pl.lead, lazy=_lazy_for(metric))
     if checkpoint is not None or multi:  # dispatch groups: saved/loaded (resume.py), gathered (multihost.py)
         from . import resume as _resume
 
@@ -928,7 +936,7 @@ def run(
             checkpoint.describe.update(chunk_size=pl.chunk, position_buckets=position_buckets)
             checkpoint.open({"plan": _resume.fingerprint(ran, pl.order[: sweep.size], pl.chunk, pl.chunk_start[:n_real],
                                                          pl.chunk_bucket[:n_real], pl.offsets,
-                                                         *((pl.packed, pl.first) if pl.packed else ())),
+                                                         *((pl.packed, pl.first, pl.lead) if pl.packed else ())),
                              "inputs": _resume.fingerprint(dict(run_cache), source, source_stacked, dict(ctx), run_ivs, metric, n_pos),
                              "software": _resume.software()})
         out = _resume.run_groups(core, idx, pl.chunk_start, pl.chunk_bucket, n_real=n_real, n_layers=config.n_layers,
@@ -1054,7 +1062,7 @@ def _packed_plan(config, params, sweep, run_cache, source, source_stacked, metri
         ix["_first"] = put(pl.first[: k * slots].reshape(k, slots), True)
         compiled = _core.lower(config, params, run_ivs, dict(run_cache), source, dict(ctx), ix, put(pl.chunk_start[:k], True),
                                put(pl.chunk_bucket[:k], True), site=sweep.site, paired=False, source_stacked=source_stacked,
-                               offsets=pl.offsets, metric=metric, n_pos=n_pos, mesh=mesh, group=group, packed=rows,
+                               offsets=pl.offsets, metric=metric, n_pos=n_pos, mesh=mesh, group=group, packed=rows, lead=pl.lead,
                                lazy=_lazy_for(metric)).compile()
         if _planner.estimate(compiled, slots, len(pl.chunk_start) // k, resident).need() > budget:
             if pack is True:

@@ -23,7 +23,7 @@ def test_short_suffixes_get_more_slots():
     n_pos, batch = 16, 8
     layer = np.repeat(np.arange(4), 60)
     first = np.full(layer.size, n_pos - 1)  # one row each: 240 patches, 240 rows
-    rows, slots, bins = packed.choose(layer, first, n_pos, batch)
+    rows, slots, bins = packed.choose(layer, first, n_pos, batch)[:3]
     assert slots > packed.slots_per_chunk(rows, n_pos)
     _check_bins(layer, first, n_pos, rows, slots, bins)
     base = packed.pack(layer, first, n_pos, rows, packed.slots_per_chunk(rows, n_pos))
@@ -34,7 +34,7 @@ def test_long_suffixes_keep_the_base_slots():
     n_pos, batch = 16, 8
     layer = np.repeat(np.arange(6), 12)
     first = np.tile(np.arange(12) % 4, 6)  # 12 to 16 rows each
-    rows, slots, bins = packed.choose(layer, first, n_pos, batch)
+    rows, slots, bins = packed.choose(layer, first, n_pos, batch)[:3]
     assert slots == packed.slots_per_chunk(rows, n_pos)
     _check_bins(layer, first, n_pos, rows, slots, bins)
 

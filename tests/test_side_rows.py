@@ -47,8 +47,8 @@ def setup(model):
 
 def _forced_bins(monkeypatch, rows=16, slots=3):
     """Plan every packed sweep in chunks of ``rows`` rows and ``slots`` slots (straddling layers)."""
-    monkeypatch.setattr(pk, "choose", lambda layer, first, n_pos, batch, side=False:
-                        (rows, slots, pk.pack(layer, first, n_pos, rows, slots)))
+    monkeypatch.setattr(pk, "choose", lambda layer, first, n_pos, batch, side=False, lead=False:
+                        pk.Choice(rows, slots, pk.pack(layer, first, n_pos, rows, slots)))
 
 
 def _packed_run(m, spec, run_cache, source, ctx, side, monkeypatch):

@@ -758,7 +758,7 @@ def _packed_tiles(layout, key_mask, T: int):
 
 
 def run_blocks_packed(config: ModelConfig, blocks: Params, cache, start, run_ctx, layout, hs_of, read, full_last=True,
-                      side=None):
+                      side=None, lead=None):
     """Suffix runs of several patches packed into one row axis: blocks ``start..n_layers-1``.
 
     Each patch (segment) recomputes only the positions it can change, ``first..n_pos-1``
@@ -790,18 +790,31 @@ def run_blocks_packed(config: ModelConfig, blocks: Params, cache, start, run_ctx
             later layer) of the cached residual entering layer ``start + 1``, where every segment
             starts. The other rows of layer ``start`` cannot change there: not running them is
             exact. Not when ``start`` is the last layer (the whole block runs as without ``side``).
+        lead: ``(k, ok, hs_of)`` (``k`` static): where the traced ``ok`` holds, layer ``start``
+            runs for the first ``k`` packed rows alone (with ``hs_of(start)``'s edits, applied to
+            ``[B, k, ...]``) and the other rows enter layer ``start + 1`` from the cached residual.
+            The caller guarantees that then every segment editing layer ``start`` lies in the
+            first ``k`` rows, so the rows after them cannot change in that layer (their edits are
+            in later layers), and that ``start`` is not the last layer. Not with ``side``.
     """
     windows, local = _windows(config), _local(config)
     L, T = config.n_layers, run_ctx["positions"].shape[1]
-    pos, slot, first = layout["pos"], layout["slot"], layout["first"]
-    key_mask = jnp.concatenate([run_ctx["key_mask"], run_ctx["key_mask"][:, pos]], axis=1)  # [B, T + rows]
-    # Cached keys before the segment's first position; packed keys of the segment itself.
-    allowed = jnp.concatenate([jnp.arange(T, dtype=jnp.int32)[None, :] < first[:, None],
-                               slot[:, None] == slot[None, :]], axis=1)  # [rows, T + rows]
-    k_index = jnp.concatenate([jnp.arange(T, dtype=jnp.int32), pos])
-    tiles = _packed_tiles(layout, run_ctx["key_mask"], T) if TILED_ATTENTION else None
+    pos = layout["pos"]
 
-    def layer_args(layer, pos=pos, key_mask=key_mask, k_index=k_index, allowed=allowed, tiles=tiles):
+    def attend(layout):  # what each packed row's query may read
+        pos, slot, first = layout["pos"], layout["slot"], layout["first"]
+        key_mask = jnp.concatenate([run_ctx["key_mask"], run_ctx["key_mask"][:, pos]], axis=1)  # [B, T + rows]
+        # Cached keys before the segment's first position; packed keys of the segment itself.
+        allowed = jnp.concatenate([jnp.arange(T, dtype=jnp.int32)[None, :] < first[:, None],
+                                   slot[:, None] == slot[None, :]], axis=1)  # [rows, T + rows]
+        k_index = jnp.concatenate([jnp.arange(T, dtype=jnp.int32), pos])
+        tiles = _packed_tiles(layout, run_ctx["key_mask"], T) if TILED_ATTENTION else None
+        return {"pos": pos, "key_mask": key_mask, "k_index": k_index, "allowed": allowed, "tiles": tiles}
+
+    whole = attend(layout)
+
+    def layer_args(layer, pos=pos, key_mask=whole["key_mask"], k_index=whole["k_index"], allowed=whole["allowed"],
+                   tiles=whole["tiles"]):
         p = _layer_params(blocks, layer)
         ctx = {"key_mask": key_mask, "window": windows[layer], "q_index": pos, "k_index": k_index, "allowed": allowed,
                "tiles": tiles}
@@ -833,6 +846,17 @@ def run_blocks_packed(config: ModelConfig, blocks: Params, cache, start, run_ctx
             return x.at[:, side_row].set(y.astype(x.dtype), mode="drop")
 
         x = jax.lax.cond(start < L - 1, one_row_each, lambda x: x, resid_at(lo)[:, pos])
+    elif lead is not None:
+        k, ok, lead_hs = lead
+        lo = jnp.where(ok, start + 1, start)
+        head = attend({n: layout[n][:k] for n in ("pos", "slot", "first")} | {"start": layout["start"]})
+
+        def first_rows(x):  # layer `start` for the first k rows alone
+            p, ctx, kv = layer_args(start, **head)
+            y = block(config, p, resid_at(start)[:, head["pos"]], lead_hs(start), ctx, kv)
+            return x.at[:, :k].set(y.astype(x.dtype))
+
+        x = jax.lax.cond(ok, first_rows, lambda x: x, resid_at(lo)[:, pos])
     else:
         x = resid_at(start)[:, pos]
     x = jax.lax.fori_loop(lo, jnp.where(full_last, L, L - 1), body, x)
