@@ -795,7 +795,7 @@ def run_blocks_packed(config: ModelConfig, blocks: Params, cache, start, run_ctx
             ``[B, k, ...]``) and the other rows enter layer ``start + 1`` from the cached residual.
             The caller guarantees that then every segment editing layer ``start`` lies in the
             first ``k`` rows, so the rows after them cannot change in that layer (their edits are
-            in later layers), and that ``start`` is not the last layer. Not with ``side``.
+            in later layers). Not when ``start`` is the last layer (it runs whole), nor with ``side``.
     """
     windows, local = _windows(config), _local(config)
     L, T = config.n_layers, run_ctx["positions"].shape[1]
@@ -848,6 +848,7 @@ def run_blocks_packed(config: ModelConfig, blocks: Params, cache, start, run_ctx
         x = jax.lax.cond(start < L - 1, one_row_each, lambda x: x, resid_at(lo)[:, pos])
     elif lead is not None:
         k, ok, lead_hs = lead
+        ok = ok & (start < L - 1)  # the last layer runs whole (no cached residual after it)
         lo = jnp.where(ok, start + 1, start)
         head = attend({n: layout[n][:k] for n in ("pos", "slot", "first")} | {"start": layout["start"]})
 
