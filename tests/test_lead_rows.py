@@ -17,6 +17,7 @@ import jaxpatch
 from jaxpatch import packed as pk
 from jaxpatch import sweep as sw
 from tests.test_skip import B, L, T, _families, close, model  # noqa: F401  (model: a fixture; close: TOL 2e-5 relative)
+from tests.test_side_rows import flagged_run, sweep_inputs
 from tests.test_sweep import loop_twin
 
 SITES = {
@@ -52,31 +53,20 @@ def prompts():
     return clean, corrupt, ans, wrong
 
 
-def _run(m, spec, run_cache, source, ctx, lead, monkeypatch):
-    monkeypatch.setattr(pk, "LEAD_ROWS", lead)
-    jax.clear_caches()  # the flag is read when the program is traced
-    vals, pl = sw.run(m.config, m.params, spec, run_cache, source, True, ("logit_diff",), ctx, T, mesh=None, pack=True,
-                      skip=False)
-    return np.asarray(vals)[:, 0], pl
-
-
 @pytest.mark.parametrize("site", list(SITES))
 def test_lead_rows_equal_whole_first_layer_and_single_forwards(model, prompts, site, monkeypatch):
     clean, corrupt, ans, wrong = prompts
     cfg = model.config
     _forced(monkeypatch)
-    _, caps = model.run(corrupt, capture=sw.run_sites(cfg))
-    _, src = model.run(clean, capture={site})
-    run_cache = sw.run_cache(cfg, caps, corrupt)
-    ctx = {"answer_pos": jnp.full((B,), T - 1), "answer": jnp.asarray(ans), "wrong": jnp.asarray(wrong)}
+    run_cache, source, ctx = sweep_inputs(model, clean, corrupt, site, ans, wrong)
     spec = sw.from_rows(cfg, site, [{"layer": la, "pos": p, **SITES[site]} for la, p in PATCHES], T)
-    fast, pl = _run(model, spec, run_cache, src[site], ctx, True, monkeypatch)
-    slow, pl0 = _run(model, spec, run_cache, src[site], ctx, False, monkeypatch)
+    fast, pl = flagged_run(model, spec, run_cache, source, ctx, "LEAD_ROWS", True, monkeypatch)
+    slow, pl0 = flagged_run(model, spec, run_cache, source, ctx, "LEAD_ROWS", False, monkeypatch)
     assert pl.lead == LEAD and pl0.lead == 0 and not pl.side
     n = int(np.sum(pl.chunk_start < L))
     assert (pl.chunk_bucket[:n] // 2 % 2 == 1).tolist() == [True, False, False]  # a lead, a whole layer, the last layer
     assert sw.executed_rows(pl, L, T) == sw.executed_rows(pl0, L, T) - (ROWS - LEAD)
-    ref = loop_twin(model, corrupt, clean, site, spec, ans, wrong, source=src[site])
+    ref = loop_twin(model, corrupt, clean, site, spec, ans, wrong, source=source)
     assert close(fast, slow), site
     assert close(fast, ref), site
 

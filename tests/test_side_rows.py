@@ -51,12 +51,28 @@ def _forced_bins(monkeypatch, rows=16, slots=3):
                         pk.Choice(rows, slots, pk.pack(layer, first, n_pos, rows, slots)))
 
 
-def _packed_run(m, spec, run_cache, source, ctx, side, monkeypatch):
-    monkeypatch.setattr(pk, "SIDE_ROWS", side)
+def flagged_run(m, spec, run_cache, source, ctx, flag: str, value: bool, monkeypatch):
+    """A packed sweep (logit difference, no skips) with ``jaxpatch.packed.<flag>`` set to ``value``:
+    ``(values [P, B], plan)``."""
+    monkeypatch.setattr(pk, flag, value)
     jax.clear_caches()  # the flag is read when the program is traced
     vals, pl = sw.run(m.config, m.params, spec, run_cache, source, True, ("logit_diff",), ctx, T, mesh=None, pack=True,
                       skip=False)
     return np.asarray(vals)[:, 0], pl  # [P, B]
+
+
+def sweep_inputs(m, clean, corrupt, site, ans, wrong):
+    """``(run_cache, source, ctx)`` for patching ``site`` of the corrupted run with the clean one's
+    activations, reading the last position."""
+    cfg = m.config
+    _, caps = m.run(corrupt, capture=sw.run_sites(cfg))
+    _, src = m.run(clean, capture={site})
+    ctx = {"answer_pos": jnp.full((B,), T - 1), "answer": jnp.asarray(ans), "wrong": jnp.asarray(wrong)}
+    return sw.run_cache(cfg, caps, corrupt), src[site], ctx
+
+
+def _packed_run(m, spec, run_cache, source, ctx, side, monkeypatch):
+    return flagged_run(m, spec, run_cache, source, ctx, "SIDE_ROWS", side, monkeypatch)
 
 
 @pytest.mark.parametrize("site", list(SITES))
@@ -64,13 +80,10 @@ def test_side_rows_equal_whole_layer_and_single_forwards(model, setup, site, mon
     clean, corrupt, ans, wrong = setup
     cfg = model.config
     _forced_bins(monkeypatch)
-    _, caps = model.run(corrupt, capture=sw.run_sites(cfg))
-    _, src = model.run(clean, capture={site})
-    run_cache = sw.run_cache(cfg, caps, corrupt)
-    ctx = {"answer_pos": jnp.full((B,), T - 1), "answer": jnp.asarray(ans), "wrong": jnp.asarray(wrong)}
+    run_cache, source, ctx = sweep_inputs(model, clean, corrupt, site, ans, wrong)
     spec = sw.from_rows(cfg, site, _rows(SITES[site]), T)
-    fast, pl = _packed_run(model, spec, run_cache, src[site], ctx, True, monkeypatch)
-    slow, pl0 = _packed_run(model, spec, run_cache, src[site], ctx, False, monkeypatch)
+    fast, pl = _packed_run(model, spec, run_cache, source, ctx, True, monkeypatch)
+    slow, pl0 = _packed_run(model, spec, run_cache, source, ctx, False, monkeypatch)
     assert pl.side and not pl0.side and pl.packed > 0
     starts = pl.chunk_start[pl.chunk_start < L]
     layer = np.asarray(spec.index["layer"])
@@ -78,7 +91,7 @@ def test_side_rows_equal_whole_layer_and_single_forwards(model, setup, site, mon
     assert any(np.unique(layer[b]).size > 1 for b in bins)  # a chunk straddles layers
     assert (starts == L - 1).any() and (starts < L - 1).any()  # last-layer chunks run whole
     assert sw.executed_rows(pl, L, T) < sw.executed_rows(pl0, L, T)
-    ref = loop_twin(model, corrupt, clean, site, spec, ans, wrong, source=src[site])
+    ref = loop_twin(model, corrupt, clean, site, spec, ans, wrong, source=source)
     assert close(fast, slow), site
     assert close(fast, ref), site
 
