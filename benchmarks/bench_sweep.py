@@ -46,7 +46,7 @@ import jaxpatch  # noqa: E402
 from benchmarks import _harness as H  # noqa: E402
 from jaxpatch import sweep as sw  # noqa: E402
 from jaxpatch.interventions import ALL  # noqa: E402
-from jaxpatch.packed import attention_keys as packed_keys, main_start  # noqa: E402
+from jaxpatch.packed import attention_keys as packed_keys, main_start, runs_last_whole, runs_lead  # noqa: E402
 from jaxpatch.sites import LOCAL_SITES  # noqa: E402
 from jaxpatch.compat import transformer_lens as jp_tl  # noqa: E402
 
@@ -113,11 +113,11 @@ def executed_flops(c, pl: sw.Plan, B: int, T: int, R: int, unembed_cols: int) ->
             if lo > start:
                 total += pl.chunk * B * side_row
             rows = B * pl.packed
-            if pl.lead and bucket // 2 % 2:  # its first layer for its first pl.lead rows alone (packed.lead_fits)
+            if pl.lead and runs_lead(bucket):  # its first layer for its first pl.lead rows alone (packed.lead_fits)
                 lo = int(start) + 1
                 total += B * pl.lead * _row_flops(c, packed_keys(pl.lead, T))[0]
             body = (c.n_layers - 1 - lo) * rows * row
-            last = rows * row if bucket % 2 else rows * kv + pl.chunk * B * R * (row - kv)
+            last = rows * row if runs_last_whole(bucket) else rows * kv + pl.chunk * B * R * (row - kv)
             total += body + last + pl.chunk * B * R * 2 * c.d_model * unembed_cols
         return total
     for start, bucket in zip(pl.chunk_start, pl.chunk_bucket):

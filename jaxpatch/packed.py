@@ -108,11 +108,13 @@ def choose(layer: np.ndarray, first: np.ndarray, n_pos: int, batch: int, side: b
                 starts = np.asarray([layer[b].min() for b in bins])
                 work = executed_rows(starts, rows, L, side, slots) + len(bins) * slots
                 options = [(work * rate(rows), Choice(rows, slots, bins))]
-                for k in lead_candidates(rows, n_pos) if lead and not side else ():
-                    ok = lead_fits(layer, first, n_pos, bins, k, L)
+                need = lead_needs(layer, first, n_pos, bins, L) if lead and not side else None
+                for k in lead_candidates(rows, n_pos) if need is not None else ():
+                    ok = need <= k
                     n = int(ok.sum())
-                    if n:
-                        options.append(((work - n * rows) * rate(rows) + n * k * rate(k), Choice(rows, slots, bins, k, ok)))
+                    if n:  # the lead rows run at a small matmul's rate
+                        led = executed_rows(starts, rows, L, side, slots, k, ok) + len(bins) * slots
+                        options.append(((led - n * k) * rate(rows) + n * k * rate(k), Choice(rows, slots, bins, k, ok)))
                 for cost, choice in options:
                     if best is None or cost < best[0]:
                         best = (cost, choice)
@@ -134,21 +136,44 @@ def lead_candidates(rows: int, n_pos: int) -> tuple[int, ...]:
                  if k <= rows // 2)
 
 
-def lead_fits(layer: np.ndarray, first: np.ndarray, n_pos: int, bins, lead: int, n_layers: int) -> np.ndarray:
-    """``[len(bins)]`` bool: whether each chunk may run its first layer for its first ``lead``
-    packed rows alone. It may when that layer is not the last one and every patch editing it lies
-    within those rows (segments laid out in bin order, :func:`jaxpatch.models.transformer.packed_layout`):
-    the other rows belong to patches of later layers, unchanged in the first one, and enter the
-    next layer from the cached residual. ``layer``: the layers the plan packs by (an unread patch,
-    planned as a last-layer one by :func:`jaxpatch.sweep.plan_packed`, may lie after the lead
-    whatever layer it edits: its edit changes nothing the metric reads)."""
-    ok = np.zeros(len(bins), bool)
+def lead_needs(layer: np.ndarray, first: np.ndarray, n_pos: int, bins, n_layers: int) -> np.ndarray:
+    """``[len(bins)]``: the fewest leading packed rows of each chunk that hold every patch editing
+    its first layer (segments laid out in bin order, :func:`jaxpatch.models.transformer.packed_layout`);
+    a huge number where that layer is the last one (it runs whole). See :func:`lead_fits`."""
+    need = np.full(len(bins), np.iinfo(np.int64).max, np.int64)
     for c, b in enumerate(bins):
         lay = np.asarray(layer)[b]
         s = lay.min()
-        ends = np.cumsum(np.maximum(n_pos - np.asarray(first)[b], 0))
-        ok[c] = s < n_layers - 1 and bool(np.all(ends[lay == s] <= lead))
-    return ok
+        if s < n_layers - 1:
+            need[c] = np.cumsum(np.maximum(n_pos - np.asarray(first)[b], 0))[lay == s].max()
+    return need
+
+
+def lead_fits(layer: np.ndarray, first: np.ndarray, n_pos: int, bins, lead: int, n_layers: int) -> np.ndarray:
+    """``[len(bins)]`` bool: whether each chunk may run its first layer for its first ``lead``
+    packed rows alone. It may when that layer is not the last one and every patch editing it lies
+    within those rows (:func:`lead_needs`): the other rows belong to patches of later layers,
+    unchanged in the first one, and enter the next layer from the cached residual. ``layer``: the
+    layers the plan packs by (an unread patch, planned as a last-layer one by
+    :func:`jaxpatch.sweep.plan_packed`, may lie after the lead whatever layer it edits: its edit
+    changes nothing the metric reads)."""
+    return lead_needs(layer, first, n_pos, bins, n_layers) <= lead
+
+
+def bucket_code(full_last: bool, lead_ok: bool) -> int:
+    """A packed chunk's ``chunk_bucket``: bit 0, an edit applies in the last layer (it runs whole);
+    bit 1, the chunk's first layer runs for its lead rows alone (:func:`lead_fits`)."""
+    return int(full_last) + 2 * int(lead_ok)
+
+
+def runs_last_whole(bucket):
+    """Bit 0 of :func:`bucket_code` (numpy or traced)."""
+    return bucket % 2 == 1
+
+
+def runs_lead(bucket):
+    """Bit 1 of :func:`bucket_code` (numpy or traced)."""
+    return bucket // 2 % 2 == 1
 
 
 def eligible(sweep, source, source_stacked: bool, run_edits_layers: bool, two_d_mesh: bool) -> bool:
@@ -286,9 +311,7 @@ def chunk_fn(config, blocks, cache, source, source_stacked: bool, ctx, site: str
     prompt's answer position); with ``read_from`` (a custom metric reading positions
     ``read_from..n_pos-1``) ``[slots, B, n_pos - read_from, D]``. ``idx`` holds the patches'
     indices ``[slots]`` and ``"_first"`` (each slot's first position, ``n_pos`` for an empty
-    slot; never past the first position read); ``bucket``'s bit 0 is set when an edit applies in
-    the last layer, bit 1 when the chunk's first layer runs for its first ``lead`` rows alone
-    (:func:`lead_fits`)."""
+    slot; never past the first position read); ``bucket``: :func:`bucket_code`."""
 
     def fn(args):
         idx, start, bucket = args
@@ -318,9 +341,9 @@ def chunk_fn(config, blocks, cache, source, source_stacked: bool, ctx, site: str
         lead_args = None
         if lead and side is None:
             head = {n: layout[n][:lead] for n in ("slot", "pos")}
-            lead_args = (lead, bucket // 2 % 2 == 1,
+            lead_args = (lead, runs_lead(bucket),
                          lambda layer: PackedEdits(site, idx, head, source, source_stacked, layer, n_pos))
-        out = models.run_blocks_packed(config, blocks, cache, start, cache["ctx"], layout, hs_of, read, bucket % 2 == 1,
+        out = models.run_blocks_packed(config, blocks, cache, start, cache["ctx"], layout, hs_of, read, runs_last_whole(bucket),
                                        side=side, lead=lead_args)
         out = jnp.swapaxes(out.reshape((B, S, n_read) + out.shape[2:]), 0, 1)  # [slots, B, n_read, D]
         return out[:, :, 0] if read_from is None else out

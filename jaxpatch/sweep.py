@@ -272,7 +272,8 @@ def plan_packed(sweep: Sweep, n_layers: int, n_pos: int, max_offset: int, batch:
                 same_before: int = 0, full_last: bool = False, unread=None) -> Plan:
     """A packed plan (see :mod:`jaxpatch.packed`): chunks of at most ``slots`` patches whose
     suffixes fill at most ``rows`` rows (both chosen by :func:`jaxpatch.packed.choose`);
-    ``chunk_bucket`` is 1 where a chunk edits the last layer (or ``full_last``), else 0.
+    ``chunk_bucket``: :func:`jaxpatch.packed.bucket_code` (whether a chunk edits the last layer, or
+    ``full_last``; whether it runs a lead).
     ``unread`` ``[P]``: patches that cannot change what the metric reads (a skipped patches'
     representative, see :func:`run`): their segments hold only the positions read (from
     ``max_offset``), whatever they edit, and their edits in the last layer need not run."""
@@ -298,9 +299,8 @@ def plan_packed(sweep: Sweep, n_layers: int, n_pos: int, max_offset: int, batch:
         order[at], slot_first[at], slot_of[ids] = ids, first[ids], at
         order[c * slots + ids.size : (c + 1) * slots] = ids[-1]  # empty slots: no rows, no edit
         chunk_start[c] = layer[ids].min()
-        chunk_bucket[c] = int(full_last or (layer[ids][~quiet[ids]] == n_layers - 1).any())  # an edit in the last layer
-        if ch.lead:
-            chunk_bucket[c] += 2 * int(ch.lead_ok[c])  # its first layer runs for the first ch.lead rows alone
+        edits_last = full_last or (layer[ids][~quiet[ids]] == n_layers - 1).any()
+        chunk_bucket[c] = _packed.bucket_code(edits_last, ch.lead and ch.lead_ok[c])
     return Plan(order, chunk_start, chunk_bucket, (0,), slots, n, same_before=same_before, packed=rows,
                 slot_of=slot_of, first=slot_first, side=side, lead=ch.lead)
 
@@ -343,7 +343,7 @@ def executed_rows(p: Plan, n_layers: int, n_pos: int) -> int:
     """Block-row evaluations the plan executes: patches x layers run x positions recomputed (packed:
     rows per chunk x layers run)."""
     if p.packed:
-        return _packed.executed_rows(p.chunk_start, p.packed, n_layers, p.side, p.chunk, p.lead, p.chunk_bucket // 2 % 2 == 1)
+        return _packed.executed_rows(p.chunk_start, p.packed, n_layers, p.side, p.chunk, p.lead, _packed.runs_lead(p.chunk_bucket))
     offs = np.asarray(p.offsets)[p.chunk_bucket % len(p.offsets)]
     return int(np.sum(p.chunk * np.maximum(n_layers - p.chunk_start, 0) * (n_pos - offs)))
 

@@ -71,10 +71,6 @@ def sweep_inputs(m, clean, corrupt, site, ans, wrong):
     return sw.run_cache(cfg, caps, corrupt), src[site], ctx
 
 
-def _packed_run(m, spec, run_cache, source, ctx, side, monkeypatch):
-    return flagged_run(m, spec, run_cache, source, ctx, "SIDE_ROWS", side, monkeypatch)
-
-
 @pytest.mark.parametrize("site", list(SITES))
 def test_side_rows_equal_whole_layer_and_single_forwards(model, setup, site, monkeypatch):
     clean, corrupt, ans, wrong = setup
@@ -82,8 +78,8 @@ def test_side_rows_equal_whole_layer_and_single_forwards(model, setup, site, mon
     _forced_bins(monkeypatch)
     run_cache, source, ctx = sweep_inputs(model, clean, corrupt, site, ans, wrong)
     spec = sw.from_rows(cfg, site, _rows(SITES[site]), T)
-    fast, pl = _packed_run(model, spec, run_cache, source, ctx, True, monkeypatch)
-    slow, pl0 = _packed_run(model, spec, run_cache, source, ctx, False, monkeypatch)
+    fast, pl = flagged_run(model, spec, run_cache, source, ctx, "SIDE_ROWS", True, monkeypatch)
+    slow, pl0 = flagged_run(model, spec, run_cache, source, ctx, "SIDE_ROWS", False, monkeypatch)
     assert pl.side and not pl0.side and pl.packed > 0
     starts = pl.chunk_start[pl.chunk_start < L]
     layer = np.asarray(spec.index["layer"])
