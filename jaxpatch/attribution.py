@@ -53,15 +53,18 @@ from . import byo as _byo
 from . import multihost as _multihost
 from . import planner as _planner
 from ._errors import InputError
-from .interventions import NONE, Edit, Interventions
+from .interventions import NONE, OFFSET_AXES, Edit, Interventions
 from .model import HookedModel, check_attention_mask, check_tokens
 from . import models
 from .patching import DEFAULT_AXES, _labels, _site, answer_arrays
 from .results import PatchResult
 from .sites import SITES
+from . import sweep as _sweep
 from .sweep import GRID_AXES
 
 _QK = ("blocks.attn.hook_q", "blocks.attn.hook_k")
+#: The sites :func:`_qk_inputs` reads.
+_QK_READ = frozenset(_QK) | {"blocks.attn.hook_rot_q", "blocks.attn.hook_rot_k"}
 #: GradDrop gates: layer l's contribution to the residual stream (its attention and MLP outputs).
 _GD_SITES = ("blocks.hook_attn_out", "blocks.hook_mlp_out")
 #: Residual-stream sites: no GradDrop variant zeroes them, so their sum is divided by L, not L - 1.
@@ -88,16 +91,40 @@ def _metric_fn(metric):
     return names
 
 
-@partial(jax.jit, static_argnames=("config", "sites", "names", "drop", "remat"))
-def _run_and_grad(config, params, tokens, ctx, *, sites, names, drop, remat=False):
+def _suffix_shape(config, site: str, B: int, T: int, offset: int) -> tuple[int, ...]:
+    """One layer's activation shape at ``site`` in a run of positions ``offset..`` only."""
+    shape = SITES[site].shape(config, B, T)
+    return tuple(n - offset if a in OFFSET_AXES else n for a, n in zip(SITES[site].axes, shape))
+
+
+def _suffix(x, site: str, offset: int):
+    """Stacked ``[L, ...]`` whole-sequence activations of ``site`` at positions ``offset..``."""
+    for i, a in enumerate(SITES[site].axes):
+        if a in OFFSET_AXES:
+            x = jax.lax.slice_in_dim(x, offset, None, axis=i + 1)
+    return x
+
+
+def _pad_front(x, axis: int, n: int):
+    """``n`` zeros before ``x`` along ``axis``."""
+    return jnp.concatenate([jnp.zeros(x.shape[:axis] + (n,) + x.shape[axis + 1:], x.dtype), x], axis=axis)
+
+
+@partial(jax.jit, static_argnames=("config", "sites", "names", "drop", "remat", "offset"))
+def _run_and_grad(config, params, tokens, ctx, *, sites, names, drop, remat=False, offset=0, prefix_kv=None):
     """Metric per prompt, the run's activations at ``sites`` and ∂(Σ metric)/∂activation there.
 
     With ``drop`` the gradients get a leading ``[n_layers]`` axis: variant l zeroes the gradient at
     layer l's attention and MLP outputs (GradDrop); the forward pass is shared. The gates come
     after any delta at those sites, so a delta at layer l's attn_out/mlp_out gets zero in variant l.
+
+    ``offset``/``prefix_kv``: the run is computed at positions ``offset..`` only, from the source
+    run's keys and values before (:func:`models.forward`'s ``prefix``); activations and gradients
+    then cover positions ``offset..`` along ``pos``/``q_pos``.
     """
     B, T = tokens.shape
     L = config.n_layers
+    prefix = (offset, prefix_kv) if offset else None
 
     def f(deltas, gates):
         edits = {s: (Edit(delta=d, stacked=True),) for s, d in deltas.items()}
@@ -105,11 +132,11 @@ def _run_and_grad(config, params, tokens, ctx, *, sites, names, drop, remat=Fals
             for s in _GD_SITES:
                 edits[s] = edits.get(s, ()) + (Edit(grad_scale=jnp.reshape(gates, (L,) + (1,) * 3), stacked=True),)
         rows, caps = models.forward(config, params, tokens, Interventions(edits), frozenset(sites), ctx.get("attention_mask"),
-                                    remat=remat, rows=ctx["answer_pos"])  # [B, V]: the answer rows only
+                                    remat=remat, rows=ctx["answer_pos"], prefix=prefix)  # [B, V]: the answer rows only
         m = _metrics.compute_ctx(names, rows, ctx)[0]
         return jnp.sum(m), (m, caps)
 
-    shapes = {s: (L,) + SITES[s].shape(config, B, T) for s in sites}
+    shapes = {s: (L,) + _suffix_shape(config, s, B, T, offset) for s in sites}
     zeros = {s: jnp.zeros(shp, params["W_E"].dtype) for s, shp in shapes.items()}
     if not drop:
         grads, (m, caps) = jax.grad(f, has_aux=True)(zeros, None)
@@ -263,32 +290,60 @@ def _qk_fix(config, site, axes, run, src, g_pattern, key_mask):
     return jnp.transpose(est, perm)
 
 
-@partial(jax.jit, static_argnames=("config", "sites", "names", "targets", "method", "denoise", "remat"))
-def _atp_core(config, params, run_tokens, src_tokens, ctx, *, sites, names, targets, method, denoise, remat=False):
+def _whole(x, site: str, offset: int, front=None):
+    """Whole-sequence stacked activations of ``site`` from ``x`` at positions ``offset..``: the
+    first ``offset`` positions are ``front``'s (stacked whole-sequence values), or zeros."""
+    for i, a in enumerate(SITES[site].axes):
+        if a in OFFSET_AXES:
+            head = (jnp.zeros(x.shape[:i + 1] + (offset,) + x.shape[i + 2:], x.dtype) if front is None
+                    else jax.lax.slice_in_dim(front, 0, offset, axis=i + 1).astype(x.dtype))
+            x = jnp.concatenate([head, x], axis=i + 1)
+    return x
+
+
+@partial(jax.jit, static_argnames=("config", "sites", "names", "targets", "method", "denoise", "remat", "offset"))
+def _atp_core(config, params, run_tokens, src_tokens, ctx, *, sites, names, targets, method, denoise, remat=False,
+              offset=0):
     """Everything in one program: the source run (with captures), the run's forward and backward
-    (GradDrop variants batched for ``atp*``), and every target's estimate ``[*grid, B]``."""
+    (GradDrop variants batched for ``atp*``), and every target's estimate ``[*grid, B]``.
+
+    ``offset``: the run and the source agree (tokens, mask) before this position, so every
+    activation there is equal in both and every estimate there is exactly zero (an estimate is
+    ``(src - run) · g``; a query or key patch there moves no pattern): the run's forward and
+    backward cover positions ``offset..`` only, reading the source's keys and values before."""
     apos = ctx["answer_pos"]  # every logit read is at the answer rows: only those are unembedded
-    src_rows, src_caps = models.forward(config, params, src_tokens, NONE, frozenset(sites), ctx.get("attention_mask"), rows=apos)
-    if denoise:
-        clean_rows = src_rows
-    elif any(n == "kl" for n in names):
-        clean_rows = models.forward(config, params, run_tokens, attention_mask=ctx.get("attention_mask"), rows=apos)[0]
-    else:
-        clean_rows = src_rows  # unused by the metric
-    ctx = {**ctx, "clean_logprobs": jax.nn.log_softmax(clean_rows.astype(jnp.promote_types(clean_rows.dtype, jnp.float32)), -1)}
+    kv = models.kv_sites(config) if offset else ()
+    src_rows, src_caps = models.forward(config, params, src_tokens, NONE, frozenset(sites) | frozenset(kv),
+                                        ctx.get("attention_mask"), rows=apos)
+    if any(n == "kl" for n in names):  # the clean run's distribution
+        clean_rows = src_rows if denoise else models.forward(config, params, run_tokens, attention_mask=ctx.get("attention_mask"),
+                                                             rows=apos)[0]
+        ctx = {**ctx, "clean_logprobs": jax.nn.log_softmax(clean_rows.astype(jnp.promote_types(clean_rows.dtype, jnp.float32)), -1)}
     m_src = _metrics.compute_ctx(names, src_rows, ctx)[0]
+    prefix_kv = tuple(src_caps[k] for k in kv) if offset else None
     m_run, run_caps, grads = _run_and_grad(config, params, run_tokens, ctx, sites=sites, names=names, drop=method == "atp*",
-                                           remat=remat)
+                                           remat=remat, offset=offset, prefix_kv=prefix_kv)
     qk = method in ("atp*", "atp+qk")
     mask = ctx.get("attention_mask")
     key_mask = jnp.ones(run_tokens.shape, bool) if mask is None else mask.astype(bool)
 
     def estimate(t: Target, g):
         if qk and t.site in _QK:
-            qk_run = dict(zip("qk", _qk_inputs(config, params, run_caps)))
+            pat = "blocks.attn.hook_pattern"
+            caps = run_caps
+            if offset:  # the run's queries and keys before the offset are the source's
+                caps = {k: _whole(v, k, offset, src_caps[k]) for k, v in run_caps.items() if k in _QK_READ}
+            qk_run = dict(zip("qk", _qk_inputs(config, params, caps)))
             qk_src = dict(zip("qk", _qk_inputs(config, params, src_caps)))
-            return _qk_fix(config, t.site, t.axes, qk_run, qk_src, g["blocks.attn.hook_pattern"], key_mask)
-        return _reduce(_first_order(src_caps[t.site], run_caps[t.site], g[t.site]), t.site, t.axes)
+            g_pattern = _whole(g[pat], pat, offset) if offset else g[pat]  # rows there change nothing
+            return _qk_fix(config, t.site, t.axes, qk_run, qk_src, g_pattern, key_mask)
+        if not offset:
+            return _reduce(_first_order(src_caps[t.site], run_caps[t.site], g[t.site]), t.site, t.axes)
+        est = _reduce(_first_order(_suffix(src_caps[t.site], t.site, offset), run_caps[t.site], g[t.site]), t.site, t.axes)
+        for i, a in enumerate(t.axes):  # positions before the offset: exactly zero
+            if GRID_AXES[a] in OFFSET_AXES:
+                est = _pad_front(est, i, offset)
+        return est
 
     ests = []
     for t in targets:
@@ -300,6 +355,21 @@ def _atp_core(config, params, run_tokens, src_tokens, ctx, *, sites, names, targ
         else:
             ests.append(estimate(t, grads))
     return m_run, m_src, tuple(ests)
+
+
+#: The run's forward and backward start at the first position where the prompts differ (see
+#: :func:`_atp_core`); ``False`` runs every position (the slow twin the tests compare with).
+SAME_PREFIX = True
+
+
+def _same_prefix(config, clean, corrupt, answer_pos) -> int:
+    """How many leading positions the run may take from the source: those before the first at
+    which any clean and corrupted prompt differ, and before every answer position (the metric's
+    rows must be computed). 0 when off (:data:`SAME_PREFIX`) or when the cached keys a suffix run
+    reads are not a site (q/k norm without rotary: ``kv_sites`` holds the keys before the norm)."""
+    if not SAME_PREFIX or (config.qk_norm and config.positional != "rotary"):
+        return 0
+    return min(_sweep.first_difference(clean, corrupt), int(np.min(answer_pos)))
 
 
 def _target(site, by, model) -> Target:
@@ -507,7 +577,8 @@ def attribution_patch(
     if share is not None:
         run_tokens, src_tokens = run_tokens[share], src_tokens[share]
         ctx = {k: (v if k == "metric_consts" else v[share]) for k, v in ctx.items()}
-    static = dict(sites=sites, names=names, targets=tuple(tlist), method=method, denoise=direction == "denoise")
+    static = dict(sites=sites, names=names, targets=tuple(tlist), method=method, denoise=direction == "denoise",
+                  offset=_same_prefix(cfg, clean, corrupt, apos))
     args = (model.params, run_tokens, src_tokens, ctx)
     key = (cfg, tuple(static.items()), _signature(args))
     remat, compiled, plan = _plan_remat(remat, memory_budget, model.params, lambda r: _compiled_for(

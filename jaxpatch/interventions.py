@@ -254,7 +254,7 @@ def add(config: ModelConfig, name: str, delta, **kw) -> Interventions:
 
 
 #: Axes that a suffix run (``pos_offset > 0``) covers only from the offset on.
-_OFFSET_AXES = ("pos", "q_pos")
+OFFSET_AXES = ("pos", "q_pos")
 
 
 def _axis_mask(idx: Array, axis: int, shape: tuple[int, ...], offset: int = 0) -> Array:
@@ -271,7 +271,7 @@ def _suffix(x, axes, shape, offset):
     if x is None or offset == 0:
         return x
     for i, a in enumerate(axes):
-        if a in _OFFSET_AXES and x.shape[i] == shape[i] + offset:
+        if a in OFFSET_AXES and x.shape[i] == shape[i] + offset:
             x = jax.lax.slice_in_dim(x, offset, None, axis=i)
     return x
 
@@ -324,7 +324,7 @@ def apply_edits(
             sel = _paired_selection(e, axes, shape, layer, pos_offset, sel)
         else:
             for axis_name, idx in e.index.items():
-                off = pos_offset if axis_name in _OFFSET_AXES else 0
+                off = pos_offset if axis_name in OFFSET_AXES else 0
                 m = _axis_mask(idx, axes.index(axis_name), act.shape, off)
                 sel = m if sel is None else sel & m
             if e.layers is not None and layer is not None:
@@ -371,7 +371,7 @@ def _paired_selection(e: Edit, axes, shape, layer, pos_offset, sel):
     hits = None
     for axis_name, idx in e.index.items():
         i = axes.index(axis_name)
-        n, off = shape[i], (pos_offset if axis_name in _OFFSET_AXES else 0)
+        n, off = shape[i], (pos_offset if axis_name in OFFSET_AXES else 0)
         idx = jnp.reshape(idx, (-1,))
         whole = (idx == ALL)[:, None]  # component k covers this whole axis
         idx = idx % (n + off)

@@ -56,6 +56,8 @@ def _all_rows_forward(*a, rows=None, **k):
     logits, caps = _FORWARD(*a, **k)
     if rows is None:
         return logits, caps
+    if k.get("prefix") is not None:  # the logits cover positions pos_offset.. only
+        rows = rows - k["prefix"][0]
     return jnp.take_along_axis(logits, jnp.reshape(rows, (-1, 1, 1)), axis=1)[:, 0], caps
 
 

@@ -128,4 +128,7 @@ def test_streamed_load_never_holds_the_whole_checkpoint_in_host_memory(tmp_path)
     assert beyond["streamed"] < 0.6 * size, (beyond, size)
     assert beyond["streamed"] < 0.25 * beyond["whole"], beyond
     assert beyond["whole"] > 1.5 * size  # the measurement tells the two apart
-    assert abs((streamed["after"] - streamed["before"]) - size) < 0.1 * size  # the parameters, once
+    # The parameters, once (twice would be >= 2x). The second load reuses some of the memory the
+    # first one freed and the allocator kept, so the resident growth reads below the size: measured
+    # 0.89x-0.99x of it in three runs (the bound was 0.9x-1.1x and failed once at 0.89x).
+    assert 0.75 * size < streamed["after"] - streamed["before"] < 1.25 * size, (streamed, size)

@@ -548,24 +548,28 @@ def _layer_ctx(config: ModelConfig, run_ctx, layer, window, local, pos_offset: i
 
 
 def run_blocks(config: ModelConfig, blocks: Params, x, run_ctx, ivs: Interventions = NONE,
-               capture: frozenset = frozenset(), remat: bool = False):
+               capture: frozenset = frozenset(), remat: bool = False, pos_offset: int = 0, prefix_kv=None):
     """Scan every block over ``x``. Returns ``(x, captures)``, captures stacked ``[L, ...]``.
 
     ``remat``: a gradient through the scan recomputes each block from its input instead of
-    keeping the block's intermediate values (``jax.checkpoint``): less memory, one more forward."""
+    keeping the block's intermediate values (``jax.checkpoint``): less memory, one more forward.
+    ``pos_offset``/``prefix_kv``: ``x`` covers positions ``pos_offset..`` only; the keys and values
+    of the positions before are ``prefix_kv`` (see :func:`forward`'s ``prefix``)."""
     layers = jnp.arange(config.n_layers, dtype=jnp.int32)
+    kv = tuple(jax.lax.slice_in_dim(a, 0, pos_offset, axis=2) for a in prefix_kv) if pos_offset else None
 
     def body(x, xs):
-        p, layer, window, local = xs
-        hs = SiteHandler(ivs, capture, layer)
-        x = block(config, p, x, hs, _layer_ctx(config, run_ctx, layer, window, local))
+        p, layer, window, local, kv = xs
+        hs = SiteHandler(ivs, capture, layer, pos_offset)
+        x = block(config, p, x, hs, _layer_ctx(config, run_ctx, layer, window, local, pos_offset), kv)
         return x, hs.captured
 
-    return jax.lax.scan(jax.checkpoint(body) if remat else body, x, (blocks, layers, _windows(config), _local(config)))
+    xs = (blocks, layers, _windows(config), _local(config), kv)
+    return jax.lax.scan(jax.checkpoint(body) if remat else body, x, xs)
 
 
 def forward(config: ModelConfig, params: Params, tokens, interventions: Interventions | None = None,
-            capture: frozenset = frozenset(), attention_mask=None, remat: bool = False, rows=None):
+            capture: frozenset = frozenset(), attention_mask=None, remat: bool = False, rows=None, prefix=None):
     """The whole model as a pure function.
 
     Args:
@@ -579,18 +583,28 @@ def forward(config: ModelConfig, params: Params, tokens, interventions: Interven
         rows: optional int ``[B]``: the logits of position ``rows[b]`` of each prompt only
             (``[B, V]``; a metric that reads the answer position needs no other row, and the
             unembedding of the rest is most of its cost). Captures are unchanged.
+        prefix: optional ``(pos_offset, prefix_kv)`` (``pos_offset`` a static int): compute
+            positions ``pos_offset..`` only. ``prefix_kv`` holds the :func:`kv_sites`
+            activations, stacked ``[L, B, >= pos_offset, K, H]``, of a run whose tokens (and
+            attention mask) equal ``tokens`` before ``pos_offset``: under causal attention every
+            activation there is that run's, so only its keys and values are read. The logits,
+            the blocks' captures along ``pos``/``q_pos`` and the final norm's sites then cover
+            positions ``pos_offset..``; ``rows`` stay whole-sequence positions, each at least
+            ``pos_offset``; interventions are in whole-sequence coordinates.
 
     Returns:
         ``(logits [B, T, V], captures)`` (``[B, V]`` with ``rows``); per-layer captures are
         stacked ``[L, ...]``.
     """
     ivs = NONE if interventions is None else interventions
+    pos_offset, prefix_kv = (0, None) if prefix is None else prefix
     run_ctx = run_context(config, tokens, attention_mask)
     hs = SiteHandler(ivs, capture)
-    x = embed(config, params, tokens, hs, run_ctx["positions"])
-    x, block_caps = run_blocks(config, params["blocks"], x, run_ctx, ivs, capture, remat)
-    logits = unembed(config, params, x, hs, rows)
-    return logits, {**hs.captured, **block_caps}
+    x = embed(config, params, tokens, hs, run_ctx["positions"])[:, pos_offset:]
+    x, block_caps = run_blocks(config, params["blocks"], x, run_ctx, ivs, capture, remat, pos_offset, prefix_kv)
+    hs_final = SiteHandler(ivs, capture, None, pos_offset)
+    logits = unembed(config, params, x, hs_final, None if rows is None else rows - pos_offset)
+    return logits, {**hs.captured, **hs_final.captured, **block_caps}
 
 
 _MATMUL_MAJOR = ":matmul_major"
