@@ -1,8 +1,9 @@
 """Attribution patching (AtP, AtP+QK, AtP*, EAP, EAP-IG) vs exact patching, and vs
 TransformerLens-style attribution patching (cache + backward hooks), on identical weights.
 
-For each model: wall time of each estimator as a multiple of one warm forward pass (same batch),
-compile time separately, and agreement with the exact sweep (Pearson, Spearman, top-10 recall)
+For each model: wall time of each estimator as a multiple of one warm forward pass (same batch;
+for the gradient estimators, the median ratio over runs that alternate one forward and one
+estimator call, since this machine's speed drifts during a benchmark), compile time separately, and agreement with the exact sweep (Pearson, Spearman, top-10 recall)
 for heads over all positions, heads by position, and the residual stream.
 
 Run:  python benchmarks/bench_attribution.py           (GPT-2-small shape + a small 4-layer model)
@@ -35,13 +36,31 @@ TARGETS = [("z", ("layer", "head"), "heads, all pos"), ("z", ("layer", "pos", "h
            ("resid_pre", ("layer", "pos"), "resid_pre")]
 
 
-def timed(fn, runs):
+def _ready(out):
+    arrays = out if isinstance(out, jax.Array) else jax.tree_util.tree_leaves(out.__dict__ if hasattr(out, "__dict__") else out)
+    jax.block_until_ready(arrays)
+    return out
+
+
+def timed(fn, runs, forward=None):
+    """``(output, first call s, median warm s, ratio)``. With ``forward`` (one forward pass), each
+    warm run is preceded by one forward and ``ratio`` is the median of run / that forward: both are
+    timed under the same machine state (this machine's speed drifts by tens of percent over a
+    benchmark), so the ratio is a same-run ratio."""
     t0 = time.perf_counter()
-    out = fn()
-    jax.block_until_ready(jax.tree_util.tree_leaves(out.__dict__ if hasattr(out, "__dict__") else out))
+    out = _ready(fn())
     first = time.perf_counter() - t0
-    stats = H.time_fn(fn, runs=runs, warmup=0)
-    return out, first, stats["median"]
+    if forward is None:
+        return out, first, H.time_fn(fn, runs=runs, warmup=0)["median"], None
+    ts, fs = [], []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        _ready(forward())
+        fs.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        _ready(fn())
+        ts.append(time.perf_counter() - t0)
+    return out, first, float(np.median(ts)), float(np.median(ts) / np.median(fs))
 
 
 def tl_attribution(tl, clean, corrupt, ans, wrong, names):
@@ -88,28 +107,29 @@ def bench_model(name, cfg, batch, pos, runs, with_tl, rows, agree):
     exact = {}
     for site, by, label in TARGETS:
         fn = lambda: jaxpatch.activation_patch(model, clean, corrupt, site=site, by=by, **kw)  # noqa: E731
-        exact[label], first, warm = timed(fn, 1)
+        exact[label], first, warm, _ = timed(fn, 1)
         rows.append({"model": name, "method": f"exact sweep: {label} ({exact[label].info['n_patches']} patches)",
                      "compile s": f"{first - warm:.2f}", "run s": f"{warm:.4f}", "x forward": f"{warm / fwd:.1f}"})
+    forward = lambda: model(clean)  # noqa: E731
     for method in ("atp", "atp+qk", "atp*"):
         fn = lambda: jaxpatch.attribution_patch(model, clean, corrupt, targets=all_targets, method=method, **kw)  # noqa: E731
-        out, first, warm = timed(fn, runs)
+        out, first, warm, ratio = timed(fn, runs, forward)
         rows.append({"model": name, "method": f"{method} (3 targets, one pass)", "compile s": f"{first - warm:.2f}",
-                     "run s": f"{warm:.4f}", "x forward": f"{warm / fwd:.1f}"})
+                     "run s": f"{warm:.4f}", "x forward": f"{ratio:.2f}"})
         for site, by, label in TARGETS:
             e, a = cmp.effects(exact[label]), cmp.effects(out[(exact[label].site, by)])
             ref = np.abs(e) if method == "atp*" else e
             agree.append({"model": name, "target": label, "method": method, "pearson": f"{cmp.pearson(ref, a):.3f}",
                           "spearman": f"{cmp.spearman(ref, a):.3f}", "top10 recall": f"{cmp.top_k_recall(e, a, 10):.2f}"})
     every = [(s, None) for s in DEFAULT_AXES]  # every per-layer site, each by its default grid
-    _, first, warm = timed(lambda: jaxpatch.attribution_patch(model, clean, corrupt, targets=every, **kw), runs)
+    _, first, warm, ratio = timed(lambda: jaxpatch.attribution_patch(model, clean, corrupt, targets=every, **kw), runs, forward)
     rows.append({"model": name, "method": f"atp (all {len(every)} sites' default grids, one pass)", "compile s": f"{first - warm:.2f}",
-                 "run s": f"{warm:.4f}", "x forward": f"{warm / fwd:.2f}"})
+                 "run s": f"{warm:.4f}", "x forward": f"{ratio:.2f}"})
     for steps in (None, 8):
         fn = lambda: edges.edge_attribution_patch(model, clean, corrupt, ig_steps=steps, **kw)  # noqa: E731
-        _, first, warm = timed(fn, runs)
+        _, first, warm, ratio = timed(fn, runs, forward)
         rows.append({"model": name, "method": "EAP (all edges)" if steps is None else f"EAP-IG {steps} steps (all edges)",
-                     "compile s": f"{first - warm:.2f}", "run s": f"{warm:.4f}", "x forward": f"{warm / fwd:.1f}"})
+                     "compile s": f"{first - warm:.2f}", "run s": f"{warm:.4f}", "x forward": f"{ratio:.1f}"})
     if with_tl:
         import torch
 
