@@ -5,7 +5,8 @@ format. Code outside this package uses only the names below, never a family.
 * ``run_context`` / ``run_blocks_from`` / ``logits_at`` / ``logits_columns`` / ``logits_elements`` /
   ``kv_sites``: the pieces a sweep uses to rerun a suffix of layers and positions from a cached run
   and read its logits (all of them, given tokens' columns, or single logits); ``packed_layout`` / ``run_blocks_packed``:
-  several such suffix runs packed into one row axis
+  several such suffix runs packed into one row axis; ``matmul_major_blocks`` / ``layer_split`` /
+  ``per_layer_blocks`` / ``is_per_layer``: the block weights laid out once for those runs (transposed, split per layer)
 * ``attention_logits`` / ``layer_windows`` / ``head_rms``: the attention's masked scores from the
   queries and keys it reads, each layer's sliding window, and the q/k norm (AtP*'s QK fix)
 * ``head_write_sites`` / ``head_writes``: each attention head's exactly additive write to the
@@ -39,6 +40,7 @@ from .transformer import (  # noqa: F401
     run_context as run_context,
     tile_rows as tile_rows,
 )
+from .layer_weights import is_per_layer as is_per_layer, layer_split as layer_split, per_layer_blocks as per_layer_blocks  # noqa: F401
 from .stepwise import block_at as block_at, embed_stream as embed_stream, head_writes_at as head_writes_at  # noqa: F401
 
 

@@ -47,6 +47,7 @@ from .._errors import JaxpatchError
 from ..config import ModelConfig
 from ..interventions import NONE, Interventions
 from ._layers import SiteHandler, activation, layer_norm, lift, rms_norm
+from .layer_weights import at as _at, map_weight as _map_weight, mm as _mm, value as _value
 
 Params = dict[str, Any]
 
@@ -252,11 +253,11 @@ def _fused_qkv(c: ModelConfig, h, w, read):
     N, K, H = c.n_heads, c.n_kv_heads, c.d_head
     B, T = h.shape[:2]
     if read is None:
-        qkv = jnp.einsum("BTD,DX->BTX", h, w)
+        qkv = _mm("BTD,DX->BTX", h, w)
         q, kv = qkv[..., : N * H], qkv[..., N * H:]
     else:
-        q = jnp.einsum("BRD,DX->BRX", _rows(h, read), w[:, : N * H])
-        kv = jnp.einsum("BTD,DX->BTX", h, w[:, N * H:])
+        q = _mm("BRD,DX->BRX", _rows(h, read), _map_weight(w, lambda a: a[:, : N * H]))
+        kv = _mm("BTD,DX->BTX", h, _map_weight(w, lambda a: a[:, N * H:]))
     q = q.reshape(q.shape[:2] + (N, H))
     return q, kv[..., : K * H].reshape(B, T, K, H), kv[..., K * H:].reshape(B, T, K, H)
 
@@ -386,16 +387,17 @@ def block(config: ModelConfig, p: Params, x, hs: SiteHandler, ctx, prefix_kv=Non
         hq = _norm(c, xq, p["ln1_w"], p.get("ln1_b"), nq, "blocks.ln1")
         hk = _norm(c, xk, p["ln1_w"], p.get("ln1_b"), nq, "blocks.ln1")
         hv = _norm(c, xv, p["ln1_w"], p.get("ln1_b"), nq, "blocks.ln1")
-        w_q, w_k, w_v = _unfused_qkv(c, p[_FUSED_QKV]) if _FUSED_QKV in p else (p["W_Q"], p["W_K"], p["W_V"])
+        w_q, w_k, w_v = (_unfused_qkv(c, _value(p[_FUSED_QKV])) if _FUSED_QKV in p
+                         else (_value(p["W_Q"]), _value(p["W_K"]), _value(p["W_V"])))
         q = jnp.einsum("BTND,NDH->BTNH", hq, w_q)
         k = jnp.einsum("BSKD,KDH->BSKH", hk, w_k)
         v = jnp.einsum("BSKD,KDH->BSKH", hv, w_v)
     elif _FUSED_QKV in p:  # one matmul for queries, keys and values (matmul_major_blocks)
         q, k, v = _fused_qkv(c, h, p[_FUSED_QKV], read)
     else:
-        q = jnp.einsum("BTD,NDH->BTNH", h if read is None else _rows(h, read), p["W_Q"])
-        k = jnp.einsum("BSD,KDH->BSKH", h, p["W_K"])
-        v = jnp.einsum("BSD,KDH->BSKH", h, p["W_V"])
+        q = _mm("BTD,NDH->BTNH", h if read is None else _rows(h, read), p["W_Q"])
+        k = _mm("BSD,KDH->BSKH", h, p["W_K"])
+        v = _mm("BSD,KDH->BSKH", h, p["W_V"])
     q_index, q_cos, q_sin, allowed = ctx["q_index"], ctx.get("cos"), ctx.get("sin"), ctx.get("allowed")
     if read is not None:  # from here on only the read rows (their residual, queries, positions)
         x = _rows(x, read)
@@ -427,29 +429,29 @@ def _after_z(c: ModelConfig, p: Params, x, z, hs: SiteHandler):
     """The rest of :func:`block` from the heads' outputs ``z`` on: output projection, MLP."""
     z = hs("blocks.attn.hook_z", z)
     if hs.wants("blocks.attn.hook_result"):  # per-head writes to the residual stream
-        result = hs("blocks.attn.hook_result", jnp.einsum("BTNH,NHD->BTND", z, p["W_O"]))
+        result = hs("blocks.attn.hook_result", _mm("BTNH,NHD->BTND", z, p["W_O"]))
         attn_out = jnp.sum(result, axis=2)
     else:
-        attn_out = jnp.einsum("BTNH,NHD->BTD", z, p["W_O"])
+        attn_out = _mm("BTNH,NHD->BTD", z, p["W_O"])
     attn_out = _output(c, p, attn_out, "b_O" if c.o_bias else None, "ln1", hs, "blocks.hook_attn_out")
     mid = hs("blocks.hook_resid_mid", x + attn_out)
     mlp_in = hs("blocks.hook_mlp_in", x if c.parallel_attn_mlp else mid)
     h = _norm(c, mlp_in, p["ln2_w"], p.get("ln2_b"), hs, "blocks.ln2")
     if c.gated_mlp:
-        lin = jnp.einsum("BTD,DF->BTF", h, p["W_in"])
-        pre = jnp.einsum("BTD,DF->BTF", h, p["W_gate"])
+        lin = _mm("BTD,DF->BTF", h, p["W_in"])
+        pre = _mm("BTD,DF->BTF", h, p["W_gate"])
         if c.mlp_bias:
             lin, pre = lin + lift(p["b_in"], 3), pre + lift(p["b_gate"], 3)
         lin = hs("blocks.mlp.hook_pre_linear", lin)
         pre = hs("blocks.mlp.hook_pre", pre)
         post = hs("blocks.mlp.hook_post", activation(c.act_fn, pre) * lin)
     else:
-        pre = jnp.einsum("BTD,DF->BTF", h, p["W_in"])
+        pre = _mm("BTD,DF->BTF", h, p["W_in"])
         if c.mlp_bias:
             pre = pre + lift(p["b_in"], 3)
         pre = hs("blocks.mlp.hook_pre", pre)
         post = hs("blocks.mlp.hook_post", activation(c.act_fn, pre))
-    mlp_out = jnp.einsum("BTF,FD->BTD", post, p["W_out"])
+    mlp_out = _mm("BTF,FD->BTD", post, p["W_out"])
     mlp_out = _output(c, p, mlp_out, "b_out" if c.mlp_bias else None, "ln2", hs, "blocks.hook_mlp_out")
     return hs("blocks.hook_resid_post", mid + mlp_out)
 
@@ -632,11 +634,12 @@ def matmul_major_blocks(blocks: Params) -> Params:
 
 def _layer_params(blocks: Params, layer) -> Params:
     """One layer's parameters of stacked ``blocks`` (matmul-major weights in the block's layout,
-    the fused query/key/value matrix as it is: see :func:`block`)."""
-    p = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False), blocks)
+    the fused query/key/value matrix as it is: see :func:`block`). Weights held per layer
+    (:mod:`.layer_weights`) come as views the block's matmuls read in place, never copied out."""
+    p = {k: _at(a, layer) for k, a in blocks.items()}
     for k in [k for k in p if k.endswith(_MATMUL_MAJOR)]:
         name = k[: -len(_MATMUL_MAJOR)]
-        p[name] = jnp.transpose(p.pop(k), _BACK[name])
+        p[name] = _map_weight(p.pop(k), lambda a, perm=_BACK[name]: jnp.transpose(a, perm))
     return p
 
 
