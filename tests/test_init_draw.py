@@ -92,3 +92,25 @@ def test_prng_settings_groups_odd_sizes_and_fallbacks(monkeypatch, partitionable
         for g, w in zip(got, want):
             assert g.shape == w.shape and g.dtype == w.dtype == jnp.float32
             np.testing.assert_array_equal(np.asarray(g).view(np.uint32), np.asarray(w).view(np.uint32))
+
+
+@pytest.mark.parametrize("option", [dict(qk_norm=True), dict(qkv_bias=False), dict(post_norms=True), {}])
+def test_gpt2_shaped_configs_get_every_weight_they_read(option):
+    """A GPT-2-shaped config with an option GPT-2's own draw lacks gets the general draw (once a
+    KeyError 'q_norm_w' mid-forward); plain GPT-2 keeps its own draw (seeds reproduce)."""
+    import jaxpatch
+    from jaxpatch.models import gpt2
+
+    config = ModelConfig.gpt2(n_layers=2, d_model=32, n_heads=4, d_vocab=50, n_ctx=16, **option)
+    own = models._family_init(config) is gpt2.init_params
+    assert own == (not option or "qkv_bias" in option)
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    names = [jax.tree.map(lambda a: a.shape, jax.eval_shape(partial(f, config), key))
+             for f in (gpt2.init_params, models.transformer.init_params)]
+    missing = {k for k in names[1]["blocks"] if k not in names[0]["blocks"]} | {k for k in names[1] if k not in names[0]}
+    assert bool(missing) == (not own)  # GPT-2's draw only where it lacks nothing (extra biases go unread)
+    model = jaxpatch.HookedModel.from_config(config, seed=0)
+    logits = np.asarray(model(np.arange(5, dtype=np.int32)[None]))
+    assert logits.shape == (1, 5, 50) and np.isfinite(logits).all()
+    if "qk_norm" in option:
+        assert model.params["blocks"]["q_norm_w"].shape == (2, 8)

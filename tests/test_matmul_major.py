@@ -85,20 +85,26 @@ def test_matmul_major_weights_equal_the_plain_layout(monkeypatch, name):
         np.testing.assert_allclose(major, plain, rtol=0, atol=1e-6 * max(1.0, np.abs(plain).max()), err_msg=f"{name} {site}")
 
 
-def _weight_slice_copies(monkeypatch, major):
-    seen = _fresh_sweep_program(monkeypatch, major)
-    m, clean, corrupt, kw = _setup("llama")
+def compiled_sweep_text(monkeypatch, name: str) -> str:
+    """The optimised HLO of the program a ``resid_pre`` sweep of model ``name`` runs (its
+    ``sw._core`` call, lowered again with the same arguments)."""
+    m, clean, corrupt, kw = _setup(name)
     calls = []
-    core = CORE
 
     def spy(*a, **k):
         calls.append((a, k))
-        return core(*a, **k)
+        return CORE(*a, **k)
 
     monkeypatch.setattr(sw, "_core", spy)
     jaxpatch.activation_patch(m, clean, corrupt, site="resid_pre", **kw)
-    text = core.lower(*calls[0][0], **calls[0][1]).compile().as_text()
+    monkeypatch.setattr(sw, "_core", CORE)
     monkeypatch.setattr(sw, "_chunk_fn", CHUNK_FN)
+    return CORE.lower(*calls[0][0], **calls[0][1]).compile().as_text()
+
+
+def _weight_slice_copies(monkeypatch, major):
+    seen = _fresh_sweep_program(monkeypatch, major)
+    text = compiled_sweep_text(monkeypatch, "llama")
     assert seen and set(seen) == {major}
     slices = {",".join(map(str, p)) for dims in ((N, D, H), (K, D, H), (N, H, D)) for p in itertools.permutations(dims)}
     return [s for s in re.findall(r"= f32\[([0-9,]+)\]\{[0-9,]+\} copy\(", text) if s in slices]

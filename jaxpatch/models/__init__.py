@@ -79,10 +79,13 @@ def _init_jit(config, key, dtype):
 
 
 def _family_init(config):
-    """The family's ``init_params``: GPT-2 keeps its own draw order (``gpt2.init_params``)."""
+    """The family's ``init_params``: GPT-2 keeps its own draw order (``gpt2.init_params``) where
+    it makes every parameter the config reads (not with q/k norms or post-norms, which it lacks:
+    those GPT-2-shaped configs get the general draw instead of a KeyError mid-forward)."""
     from . import gpt2, transformer
 
     if config.architecture == "gpt2" and config.positional == "learned" and config.norm == "layernorm" \
-            and not config.gated_mlp and config.n_kv_heads == config.n_heads:
+            and not config.gated_mlp and config.n_kv_heads == config.n_heads and not config.qk_norm \
+            and not config.post_norms:
         return gpt2.init_params
     return transformer.init_params
