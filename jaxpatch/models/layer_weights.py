@@ -4,9 +4,10 @@ A suffix run loops over layers with a traced layer index (``fori_loop`` from a t
 weight stacked ``[L, ...]`` then reaches the layer's matmul through a dynamic slice, and XLA's CPU
 backend materialises that slice: a copy of every weight matrix, per layer, per chunk (3 x 7 MB per
 layer for GPT-2 small; 2.7 % of the packed ``resid_pre`` sweep's device time, profiled). With the
-weight held as ``L`` separate arrays (:class:`PerLayer`, made once per sweep by
-:func:`per_layer_blocks`, one small program call per layer), each matmul is a ``lax.switch`` over the layers whose branch ``l``
-multiplies by array ``l`` in place (:func:`mm`): no copy, and one small dot per branch to compile.
+weight held as ``L`` separate arrays (:class:`PerLayer`: :func:`per_layer_blocks` of each layer's
+:func:`layer_split`, made once per sweep by ``jaxpatch.sweep.suffix_blocks``, one small program
+call per layer), each matmul is a ``lax.switch`` over the layers whose branch ``l`` multiplies by
+array ``l`` in place (:func:`mm`): no copy, and one small dot per branch to compile.
 
 Only the large matmul weights are split (:data:`SPLIT`); norms and biases stay stacked (their
 slices are small). :func:`value` gives a layer's whole weight where a rare path needs it as an
@@ -33,14 +34,6 @@ class PerLayer:
 
     def __init__(self, arrays):
         self.arrays = tuple(arrays)
-
-    @property
-    def shape(self):
-        return (len(self.arrays),) + tuple(self.arrays[0].shape)
-
-    @property
-    def dtype(self):
-        return self.arrays[0].dtype
 
     def tree_flatten(self):
         return self.arrays, None
