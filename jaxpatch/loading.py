@@ -297,7 +297,7 @@ def save_pretrained(model, directory) -> Path:
     """
     from safetensors.numpy import save_file
 
-    hf_config = convert.config_to_hf(model.config)
+    hf_config = convert.config_to_hf(model.config, model.params)
     tensors = convert.params_to_hf(model.config, model.params)
     first = next(iter(tensors.values()))
     name = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}.get(first.dtype, str(first.dtype))

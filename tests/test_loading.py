@@ -1,5 +1,6 @@
 """Checkpoint loading (single/sharded safetensors, hub cache, dtypes) and its errors."""
 
+import dataclasses
 import json
 import re
 
@@ -20,7 +21,10 @@ def ckpt(tiny_model, tmp_path):
 
 def test_save_load_round_trip(tiny_model, ckpt):
     loaded = jaxpatch.load_pretrained(ckpt)
-    assert loaded.config == tiny_model.config
+    # The random GPT-2 has its own unembedding and a zero unembedding bias; a GPT-2 checkpoint
+    # stores the first (lm_head, untied) and has no place for the second, so neither flag survives.
+    assert loaded.config == dataclasses.replace(tiny_model.config, unembed_bias=False, tied_embeddings=False)
+    assert "W_U" in loaded.params and "b_U" not in loaded.params
     tokens = random_tokens(tiny_model.config)
     np.testing.assert_array_equal(loaded(tokens), tiny_model(tokens))
 
@@ -400,12 +404,36 @@ def test_unsupported_gemma3_options_are_named(change, match):
         convert.config_from_hf({**_GEMMA3, **change})
 
 
-def test_tied_checkpoint_with_a_different_lm_head_is_refused(tmp_path):
-    model = family_model("qwen3")  # tied
+def _tied_gpt2(model):
+    """``model`` (a random GPT-2) with its unembedding tied to the embedding and no unembedding bias."""
+    config = dataclasses.replace(model.config, tied_embeddings=True, unembed_bias=False)
+    return jaxpatch.HookedModel(config, {k: v for k, v in model.params.items() if k not in ("W_U", "b_U")})
+
+
+def test_tied_gpt2_round_trips_tied(tiny_model, tmp_path):
+    """GPT-2 checkpoints tie by default: they load with no ``W_U`` (the unembedding is ``W_E``'s
+    transpose, one array as in ``transformers``) and save without ``lm_head``."""
+    model = _tied_gpt2(tiny_model)
+    ckpt = jaxpatch.save_pretrained(model, tmp_path / "tied")
+    assert json.loads((ckpt / "config.json").read_text())["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in load_file(str(ckpt / "model.safetensors"))
+    loaded = jaxpatch.load_pretrained(ckpt)
+    assert loaded.config == model.config and "W_U" not in loaded.params
+    tokens = random_tokens(model.config)
+    np.testing.assert_array_equal(loaded(tokens), model(tokens))
+    # the same model untied: W_U a copy of W_E's transpose, a zero unembedding bias
+    untied = jaxpatch.HookedModel(tiny_model.config, {**tiny_model.params, "W_U": jnp.asarray(model.params["W_E"]).T})
+    np.testing.assert_allclose(np.asarray(loaded(tokens)), np.asarray(untied(tokens)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gpt2"])
+def test_tied_checkpoint_with_a_different_lm_head_is_refused(family, tiny_model, tmp_path):
+    model = family_model("qwen3") if family == "qwen3" else _tied_gpt2(tiny_model)
+    embed = "model.embed_tokens.weight" if family == "qwen3" else "transformer.wte.weight"
     ckpt = jaxpatch.save_pretrained(model, tmp_path / "tied")
     tensors = load_file(str(ckpt / "model.safetensors"))
     assert "lm_head.weight" not in tensors
-    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
+    tensors["lm_head.weight"] = tensors[embed].copy()
     save_file(tensors, str(ckpt / "model.safetensors"))
     assert jaxpatch.load_pretrained(ckpt).config == model.config  # a stored copy of the embedding is fine
     tensors["lm_head.weight"] = tensors["lm_head.weight"] + 1

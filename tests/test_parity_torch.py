@@ -67,3 +67,43 @@ def test_float64_matches_transformers_float64(pair, x64):
         expected = hf.double()(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
     hf.float()
     assert rel_err(model(tokens), expected) < 1e-10
+
+
+def test_gradients_match_transformers(pair):
+    """The gradient of a scalar of the logits w.r.t. every weight equals ``transformers``'; for a
+    tied checkpoint the embedding's gradient holds both of its uses (embedding and unembedding),
+    as the one ``wte`` tensor's does, and there is no separate ``W_U``."""
+    import jax
+
+    from jaxpatch import models
+
+    hf, model, _ = pair
+    tied = hf.config.tie_word_embeddings
+    assert ("W_U" in model.params) != tied and "b_U" not in model.params
+    tokens = random_tokens(model.config, batch=2, pos=model.config.n_ctx // 2, seed=4)
+
+    def loss(p):
+        return jax.nn.logsumexp(models.forward(model.config, p, tokens)[0], axis=-1).mean()
+
+    grads = jax.grad(loss)(model.params)
+    hf.zero_grad(set_to_none=True)
+    torch.logsumexp(hf(torch.tensor(tokens, dtype=torch.long)).logits, dim=-1).mean().backward()
+    theirs = {k: v.grad.numpy() for k, v in hf.named_parameters()}
+    c = model.config
+    D = c.d_model
+    pairs = [(grads["W_E"], theirs["transformer.wte.weight"]), (grads["W_pos"], theirs["transformer.wpe.weight"]),
+             (grads["ln_f_w"], theirs["transformer.ln_f.weight"])]
+    if not tied:
+        pairs.append((grads["W_U"], theirs["lm_head.weight"].T))
+    b = grads["blocks"]
+    for i in range(c.n_layers):
+        h = f"transformer.h.{i}."
+        qkv = theirs[h + "attn.c_attn.weight"]
+        for j, w in enumerate(("W_Q", "W_K", "W_V")):
+            pairs.append((b[w][i], qkv[:, j * D:(j + 1) * D].reshape(D, c.n_heads, c.d_head).transpose(1, 0, 2)))
+        pairs += [(b["W_O"][i], theirs[h + "attn.c_proj.weight"].reshape(c.n_heads, c.d_head, D)),
+                  (b["W_in"][i], theirs[h + "mlp.c_fc.weight"]), (b["W_out"][i], theirs[h + "mlp.c_proj.weight"]),
+                  (b["b_in"][i], theirs[h + "mlp.c_fc.bias"]), (b["ln1_w"][i], theirs[h + "ln_1.weight"])]
+    for ours, ref in pairs:
+        assert np.asarray(ours).shape == ref.shape
+        assert rel_err(ours, ref) < 1e-4

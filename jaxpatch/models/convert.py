@@ -74,17 +74,18 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
 
 def tied_from_hf(hf: Mapping[str, Any], config: ModelConfig) -> bool:
     """Whether the checkpoint ties its unembedding to the embedding (GPT-2: the HF default, true)."""
-    if config.architecture == "gpt2":
-        return bool(hf.get("tie_word_embeddings", True))
     return config.tied_embeddings
 
 
-def config_to_hf(config: ModelConfig) -> dict:
-    """The ``config.json`` dict of the ``transformers`` model with this config.
+def config_to_hf(config: ModelConfig, params: Mapping[str, Any] | None = None) -> dict:
+    """The ``config.json`` dict of the ``transformers`` model with this config (and ``params``,
+    where the family reads tying from them).
 
     Raises:
         CheckpointError: the config sets an option its family's checkpoint cannot express.
     """
+    if config.architecture == "gpt2":
+        return hf_gpt2.config_to_hf(config, params)
     return _MODULES[config.architecture].config_to_hf(config)
 
 

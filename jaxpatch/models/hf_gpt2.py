@@ -55,13 +55,18 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
             n_ctx=int(hf.get("n_positions", hf.get("n_ctx", 1024))),
             act_fn=canonical_act_fn(hf.get("activation_function", "gelu_new")),
             eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+            # GPT-2 has no unembedding bias; its unembedding is the embedding unless untied.
+            unembed_bias=False,
+            tied_embeddings=bool(hf.get("tie_word_embeddings", True)),
         )
     except KeyError as e:
         raise CheckpointError(f"config.json lacks the GPT-2 field {e.args[0]!r}.") from None
 
 
-def config_to_hf(config: ModelConfig) -> dict:
-    """The ``config.json`` dict of an HF ``GPT2LMHeadModel`` with this config."""
+def config_to_hf(config: ModelConfig, params: Mapping[str, Any] | None = None) -> dict:
+    """The ``config.json`` dict of an HF ``GPT2LMHeadModel`` with this config (tied embeddings
+    when the params hold no ``W_U``; without params, as ``config.tied_embeddings`` says)."""
+    tied = config.tied_embeddings if params is None else "W_U" not in params
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -77,7 +82,7 @@ def config_to_hf(config: ModelConfig) -> dict:
         "resid_pdrop": 0.0,
         "embd_pdrop": 0.0,
         "attn_pdrop": 0.0,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": tied,
         "scale_attn_weights": True,
     }
 
@@ -106,13 +111,22 @@ def _normalise_names(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
 def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray], tied: bool, dtype) -> dict:
     """Convert HF GPT-2 tensors (NumPy, float32 or wider) to a jaxpatch params pytree of ``dtype``.
 
+    A tied checkpoint (``tie_word_embeddings``, GPT-2's default) loads tied: no ``W_U``, the
+    unembedding is ``W_E``'s transpose (as in ``transformers``: one array, one gradient). A tied
+    checkpoint that still stores ``lm_head`` must store the embedding there.
+
     Raises:
-        CheckpointError: naming any missing or unexpected tensors, or a tensor of the wrong shape.
+        CheckpointError: naming any missing or unexpected tensors, a tensor of the wrong shape, or a
+            tied checkpoint whose stored ``lm_head`` differs from the embedding.
     """
     t = _normalise_names(tensors)
     if "lm_head.weight" in t and tied:
-        # A tied checkpoint that still stores lm_head: accept it if it equals wte.
-        tied = False
+        if not np.array_equal(np.asarray(t["lm_head.weight"]), np.asarray(t.get("transformer.wte.weight"))):
+            raise CheckpointError(
+                "GPT-2 config.json says tie_word_embeddings=true but the checkpoint's lm_head.weight differs from "
+                "transformer.wte.weight (true is GPT-2's default when config.json omits it); set "
+                "tie_word_embeddings to false in config.json to use lm_head.")
+        t = {k: v for k, v in t.items() if k != "lm_head.weight"}
     check_names(set(t), expected_tensor_names(config, tied), "GPT-2")
 
     c = config
@@ -138,7 +152,6 @@ def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray], tied:
         return h(i, "attn.c_attn.bias", (3 * D,))[which * D : (which + 1) * D].reshape(N, H)
 
     W_E = get("transformer.wte.weight", (V, D))
-    W_U = W_E.T if tied else get("lm_head.weight", (V, D)).T
     params = {
         "W_E": W_E,
         "W_pos": get("transformer.wpe.weight", (c.n_ctx, D)),
@@ -162,9 +175,9 @@ def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray], tied:
         },
         "ln_f_w": get("transformer.ln_f.weight", (D,)),
         "ln_f_b": get("transformer.ln_f.bias", (D,)),
-        "W_U": np.ascontiguousarray(W_U),
-        "b_U": np.zeros((V,), np.float32),
     }
+    if not tied:
+        params["W_U"] = np.ascontiguousarray(get("lm_head.weight", (V, D)).T)
     import jax
     import jax.numpy as jnp
 
@@ -172,7 +185,8 @@ def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray], tied:
 
 
 def params_to_hf(config: ModelConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Inverse of :func:`params_from_hf` (untied ``lm_head``); float32 NumPy arrays."""
+    """Inverse of :func:`params_from_hf` (``lm_head`` stored only when the params hold ``W_U``);
+    float32 NumPy arrays."""
     c = config
     N, D, H = c.n_heads, c.d_model, c.d_head
     p = {k: v for k, v in params.items() if k != "blocks"}
@@ -181,15 +195,16 @@ def params_to_hf(config: ModelConfig, params: Mapping[str, Any]) -> dict[str, np
     def f32(a):
         return np.ascontiguousarray(np.asarray(a, dtype=np.float32))
 
-    if np.any(np.asarray(params["b_U"], np.float32) != 0):
+    if "b_U" in params and np.any(np.asarray(params["b_U"], np.float32) != 0):
         raise CheckpointError("GPT-2 checkpoints have no unembedding bias; b_U must be zero to save.")
     out = {
         "transformer.wte.weight": f32(p["W_E"]),
         "transformer.wpe.weight": f32(p["W_pos"]),
         "transformer.ln_f.weight": f32(p["ln_f_w"]),
         "transformer.ln_f.bias": f32(p["ln_f_b"]),
-        "lm_head.weight": f32(np.asarray(p["W_U"]).T),
     }
+    if "W_U" in p:
+        out["lm_head.weight"] = f32(np.asarray(p["W_U"]).T)
     for i in range(c.n_layers):
         pre = f"transformer.h.{i}."
         qkv_w = [np.asarray(b[w][i]).transpose(1, 0, 2).reshape(D, D) for w in ("W_Q", "W_K", "W_V")]
