@@ -493,9 +493,10 @@ def attribution_patch(
             :func:`jaxpatch.activation_patch`. With the prompts split, the estimates travel to
             process 0 only; without, the other processes validate the arguments and return
             ``None`` without computing.
-        remat: the backward pass keeps every block's intermediate values (``False``) or
-            recomputes each block from its input (``True``: ``jax.checkpoint``; about a third of
-            the memory for GPT-2 small at 8 x 128 tokens, for one more forward pass).
+        remat: the backward pass keeps each block's token-row matmul outputs and recomputes the
+            rest from them (``False``: ``models.transformer.GRAD_SAVES``) or recomputes each block
+            from its input (``True``: ``jax.checkpoint``; about half the memory for GPT-2 small at
+            8 x 128 tokens, 270 vs 546 MiB for ``resid_pre``, for one more forward pass).
             ``"auto"`` (default): with a known memory budget (``memory_budget=``, or what the
             device reports: GPUs, TPUs), the compiled program's own memory analysis decides:
             ``False`` when it fits, else ``True``; without one (CPUs), ``False``.

@@ -50,7 +50,9 @@ def test_the_budget_decides_remat_from_the_compiled_programs():
     keep = free.info["memory_need"][False]
     tight = jaxpatch.attribution_patch(m, clean, corrupt, memory_budget=keep - 1, **kw)
     need = tight.info["memory_need"]
-    assert tight.info["remat"] is True and need[False] == keep and need[True] < keep / 1.5, need
+    # Without remat the backward pass keeps only each block's matmul outputs (GRAD_SAVES), so remat's
+    # saving is those: smaller than when every intermediate was kept, still a saving.
+    assert tight.info["remat"] is True and need[False] == keep and need[True] < keep, need
     np.testing.assert_allclose(tight.per_prompt, free.per_prompt, rtol=0, atol=1e-6 * np.abs(free.per_prompt).max())
     with pytest.raises(planner.MemoryPlanError, match="fewer prompts per call") as e:
         jaxpatch.attribution_patch(m, clean, corrupt, memory_budget=need[True] - 1, **kw)
