@@ -166,7 +166,7 @@ def test_saturated_metric_flagged_and_logit_diff_not(setup):
 
     def scaled(c):
         p = dict(model.params)
-        p["W_U"], p["b_U"] = model.params["W_U"] * c, model.params["b_U"] * c
+        p["W_U"] = model.params["W_U"] * c  # (a GPT-2 checkpoint has no unembedding bias to scale)
         return jaxpatch.HookedModel(model.config, p, name=f"induction model, unembedding x{c}")
 
     base = jaxpatch.report(model, clean, corrupt, budget=budget, attribution=False, figures=False, **kw)
