@@ -225,13 +225,12 @@ def load_pretrained(path_or_name, dtype=None, mesh=None):
     config = convert.config_from_hf(hf_config)
     if dt is None:
         dt = checkpoint_dtype(tensors)
-    tied = convert.tied_from_hf(hf_config, config)
     where = f"checkpoint {str(directory)!r}"
     if mesh is None:
         check_finite_tensors(tensors, where)
-        params = convert.params_from_hf(config, tensors, tied=tied, dtype=dt)
+        params = convert.params_from_hf(config, tensors, dtype=dt)
     else:
-        params = _load_sharded(config, tensors, tied, dt, mesh, where)
+        params = _load_sharded(config, tensors, dt, mesh, where)
     check_finite_params(params, dt)
     from .tokenizer import load_tokenizer
 
@@ -244,7 +243,7 @@ def load_pretrained(path_or_name, dtype=None, mesh=None):
                        tokenizer=tokenizer)
 
 
-def _load_sharded(config, tensors, tied, dtype, mesh, where):
+def _load_sharded(config, tensors, dtype, mesh, where):
     """Params on ``mesh``, streamed tensor by tensor where the family's converter allows."""
     from . import partitioning
     from .models import hf_common
@@ -253,10 +252,10 @@ def _load_sharded(config, tensors, tied, dtype, mesh, where):
     if config.architecture == "gpt2":  # GPT-2's converter is not spec-based: convert whole, then shard
         loaded = {k: np.asarray(v) for k, v in tensors.items()}
         check_finite_tensors(loaded, where)
-        return partitioning.shard_params(convert.params_from_hf(config, loaded, tied=tied, dtype=dtype), mesh)
+        return partitioning.shard_params(convert.params_from_hf(config, loaded, dtype=dtype), mesh)
     token = hf_common.PLACEMENT.set(placer)
     try:
-        return convert.params_from_hf(config, tensors, tied=tied, dtype=dtype)
+        return convert.params_from_hf(config, tensors, dtype=dtype)
     finally:
         hf_common.PLACEMENT.reset(token)
 

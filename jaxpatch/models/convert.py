@@ -72,11 +72,6 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     return _MODULES[mt].config_from_hf(hf, mt)
 
 
-def tied_from_hf(hf: Mapping[str, Any], config: ModelConfig) -> bool:
-    """Whether the checkpoint ties its unembedding to the embedding (GPT-2: the HF default, true)."""
-    return config.tied_embeddings
-
-
 def config_to_hf(config: ModelConfig, params: Mapping[str, Any] | None = None) -> dict:
     """The ``config.json`` dict of the ``transformers`` model with this config (and ``params``,
     where the family reads tying from them).
@@ -89,15 +84,14 @@ def config_to_hf(config: ModelConfig, params: Mapping[str, Any] | None = None) -
     return _MODULES[config.architecture].config_to_hf(config)
 
 
-def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray], tied: bool, dtype) -> dict:
-    """Convert HF tensors (NumPy, any float dtype) to a jaxpatch params pytree of ``dtype``.
+def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray], dtype) -> dict:
+    """Convert HF tensors (NumPy, any float dtype) to a jaxpatch params pytree of ``dtype``
+    (tied or not as ``config.tied_embeddings`` says, read from config.json).
 
     Raises:
         CheckpointError: naming any missing or unexpected tensors, or a tensor of the wrong shape
             (with the shape config.json implies and the shape found).
     """
-    if config.architecture == "gpt2":
-        return hf_gpt2.params_from_hf(config, tensors, tied, dtype)
     return _MODULES[config.architecture].params_from_hf(config, tensors, dtype)
 
 

@@ -217,6 +217,20 @@ def transposed(name, rows, cols, key) -> Spec:
     return Spec(name, (rows, cols), (key,), lambda a: (a.T,), lambda w: w.T)
 
 
+def drop_tied_head(tensors: dict, head: str, embed: str, family: str) -> dict:
+    """``tensors`` of a tied checkpoint (config.json: ``tie_word_embeddings=true``) without its
+    unembedding ``head``, which some checkpoints store anyway: dropped when it equals the embedding
+    ``embed``, else refused (two different matrices where the config says one)."""
+    if head not in tensors:
+        return tensors
+    lm, emb = tensors[head], tensors.get(embed)
+    if emb is None or lm.shape != emb.shape or not np.array_equal(np.asarray(lm), np.asarray(emb)):
+        raise CheckpointError(
+            f"{family} config.json says tie_word_embeddings=true but the checkpoint's {head} differs from {embed}; "
+            f"set tie_word_embeddings to false in config.json to use {head}.")
+    return {k: v for k, v in tensors.items() if k != head}
+
+
 def check_names(present: set, expected: list, family: str) -> None:
     missing = [n for n in expected if n not in present]
     unexpected = sorted(present - set(expected))

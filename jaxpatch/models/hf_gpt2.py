@@ -12,7 +12,7 @@ import numpy as np
 
 from .._errors import CheckpointError, UnsupportedArchitectureError
 from ..config import ModelConfig, canonical_act_fn
-from .hf_common import check_names
+from .hf_common import check_names, drop_tied_head
 
 MODEL_TYPES = ("gpt2",)
 ARCHITECTURE = "GPT2LMHeadModel"
@@ -108,25 +108,22 @@ def _normalise_names(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
     return out
 
 
-def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray], tied: bool, dtype) -> dict:
+def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray], dtype) -> dict:
     """Convert HF GPT-2 tensors (NumPy, float32 or wider) to a jaxpatch params pytree of ``dtype``.
 
-    A tied checkpoint (``tie_word_embeddings``, GPT-2's default) loads tied: no ``W_U``, the
-    unembedding is ``W_E``'s transpose (as in ``transformers``: one array, one gradient). A tied
-    checkpoint that still stores ``lm_head`` must store the embedding there.
+    A tied checkpoint (``config.tied_embeddings``, from ``tie_word_embeddings``: GPT-2's default)
+    loads tied: no ``W_U``, the unembedding is ``W_E``'s transpose (as in ``transformers``: one
+    array, one gradient). A tied checkpoint that still stores ``lm_head`` must store the embedding
+    there.
 
     Raises:
         CheckpointError: naming any missing or unexpected tensors, a tensor of the wrong shape, or a
             tied checkpoint whose stored ``lm_head`` differs from the embedding.
     """
     t = _normalise_names(tensors)
-    if "lm_head.weight" in t and tied:
-        if not np.array_equal(np.asarray(t["lm_head.weight"]), np.asarray(t.get("transformer.wte.weight"))):
-            raise CheckpointError(
-                "GPT-2 config.json says tie_word_embeddings=true but the checkpoint's lm_head.weight differs from "
-                "transformer.wte.weight (true is GPT-2's default when config.json omits it); set "
-                "tie_word_embeddings to false in config.json to use lm_head.")
-        t = {k: v for k, v in t.items() if k != "lm_head.weight"}
+    tied = config.tied_embeddings
+    if tied:
+        t = drop_tied_head(t, "lm_head.weight", "transformer.wte.weight", "GPT-2")
     check_names(set(t), expected_tensor_names(config, tied), "GPT-2")
 
     c = config

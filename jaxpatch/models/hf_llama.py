@@ -254,13 +254,8 @@ def normalise(config: ModelConfig, tensors: Mapping[str, np.ndarray], family: st
         if not (k.startswith("model.") or k.startswith("lm_head.")):
             k = "model." + k
         out[k] = v
-    if config.tied_embeddings and "lm_head.weight" in out:
-        lm, emb = out["lm_head.weight"], out.get("model.embed_tokens.weight")
-        if emb is None or lm.shape != emb.shape or not np.array_equal(np.asarray(lm), np.asarray(emb)):
-            raise CheckpointError(
-                f"{family} config.json says tie_word_embeddings=true but the checkpoint's lm_head.weight differs "
-                "from model.embed_tokens.weight; set tie_word_embeddings to false in config.json to use lm_head.")
-        del out["lm_head.weight"]
+    if config.tied_embeddings:
+        out = hc.drop_tied_head(out, "lm_head.weight", "model.embed_tokens.weight", family)
     return out
 
 

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .._errors import CheckpointError, UnsupportedArchitectureError
+from .._errors import UnsupportedArchitectureError
 from ..config import ModelConfig
 from . import hf_common as hc
 from . import hf_llama
@@ -160,13 +160,8 @@ def _normalise(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict:
         elif not (k.startswith("gpt_neox.") or k.startswith("embed_out.")):
             k = "gpt_neox." + k
         out[k] = v
-    if config.tied_embeddings and "embed_out.weight" in out:
-        lm, emb = out["embed_out.weight"], out.get("gpt_neox.embed_in.weight")
-        if emb is None or lm.shape != emb.shape or not np.array_equal(np.asarray(lm), np.asarray(emb)):
-            raise CheckpointError(
-                f"{FAMILY} config.json says tie_word_embeddings=true but the checkpoint's embed_out.weight differs "
-                "from gpt_neox.embed_in.weight; set tie_word_embeddings to false in config.json to use it.")
-        del out["embed_out.weight"]
+    if config.tied_embeddings:
+        out = hc.drop_tied_head(out, "embed_out.weight", "gpt_neox.embed_in.weight", FAMILY)
     return out
 
 
