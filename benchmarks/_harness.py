@@ -2,8 +2,9 @@
 tables, result records, analytic FLOP counts, and the identical-weights model trio
 (``transformers`` / TransformerLens / jaxpatch).
 
-Every timed function must synchronise itself (``jax.block_until_ready`` for JAX; torch on CPU is
-synchronous), so that wall time covers the whole computation.
+Every timed function must synchronise itself (``jax.block_until_ready`` for JAX, :func:`torch_sync`
+for torch), so that wall time covers the whole computation. Where JAX runs on a GPU the torch peers
+run on it too (:func:`torch_device`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,45 @@ def torch_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def torch_device() -> str:
+    """Where the torch peers run: ``"cuda"`` when JAX runs on a GPU and torch sees one (so both sides
+    of a comparison use the same kind of device), else ``"cpu"``."""
+    if jax.default_backend() != "gpu":
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_sync() -> None:
+    """Wait for torch's queued GPU work (a no-op on CPU, where torch is synchronous)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def torch_tokens(tokens):
+    """``tokens`` as a torch ``long`` tensor on :func:`torch_device`."""
+    import torch
+
+    return torch.tensor(np.asarray(tokens), dtype=torch.long, device=torch_device())
+
+
+def peak_matmul_gflops(n: int | None = None, runs: int = 5) -> float:
+    """GFLOP/s of one jitted square float32 matmul (``n`` = 8192 on accelerators, 2048 on CPU) at
+    the matmul precision in effect (jaxpatch's: float32): the machine's practical peak, measured
+    in the same run, against which model-FLOP utilisation is reported."""
+    import jax.numpy as jnp
+
+    n = n or (2048 if jax.default_backend() == "cpu" else 8192)
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    mm = jax.jit(lambda x, y: x @ y)
+    jax.block_until_ready(mm(a, b))
+    return 2 * n**3 / time_fn(lambda: jax.block_until_ready(mm(a, b)), runs=runs, warmup=1)["p10"] / 1e9
 
 
 def time_fn(fn: Callable[[], Any], runs: int = 10, warmup: int = 2) -> dict:
@@ -129,6 +169,7 @@ def environment() -> dict:
         "jaxpatch_version": jaxpatch.__version__,
         "device_kind": jax.devices()[0].device_kind,
         "device_count": jax.device_count(),
+        "matmul_precision": str(jax.config.jax_default_matmul_precision),
         "cpu_count": os.cpu_count(),
         "load_avg_1m": os.getloadavg()[0],
     }
@@ -205,4 +246,5 @@ def build_trio(config: jaxpatch.ModelConfig, seed: int = 0) -> Trio:
         hf.save_pretrained(tmp)
         jp = jaxpatch.load_pretrained(tmp)
         jax.block_until_ready(jp.params)
-    return Trio(hf=hf, tl=tl_from_hf(hf), jp=jp)
+    device = torch_device()
+    return Trio(hf=hf.to(device), tl=tl_from_hf(hf, device=device), jp=jp)

@@ -72,15 +72,17 @@ def torch_timings(model, logits_of, tokens, runs: int, warmup: int) -> dict:
     """Time a torch model's forward (under ``no_grad``) and forward+backward of the same scalar."""
     import torch
 
-    toks = torch.tensor(tokens, dtype=torch.long)
+    toks = H.torch_tokens(tokens)
 
     def fwd():
         with torch.no_grad():
             logits_of(model, toks)
+        H.torch_sync()
 
     def fwd_bwd():
         model.zero_grad(set_to_none=True)
         torch.logsumexp(logits_of(model, toks), dim=-1).mean().backward()
+        H.torch_sync()
 
     out = {"fwd": H.time_fn(fwd, runs, warmup), "fwd_bwd": H.time_fn(fwd_bwd, runs, warmup)}
     model.zero_grad(set_to_none=True)
@@ -99,10 +101,10 @@ def check_parity(trio: H.Trio, tokens) -> dict:
     """Assert that the three models' logits agree; return the relative errors (vs transformers)."""
     import torch
 
-    toks = torch.tensor(tokens, dtype=torch.long)
+    toks = H.torch_tokens(tokens)
     with torch.no_grad():
-        ref = hf_logits(trio.hf, toks).numpy()
-        tl = tl_logits(trio.tl, toks).numpy()
+        ref = hf_logits(trio.hf, toks).cpu().numpy()
+        tl = tl_logits(trio.tl, toks).cpu().numpy()
     errs = {"jaxpatch": rel_err(trio.jp(tokens), ref), "TransformerLens": rel_err(tl, ref)}
     for impl, err in errs.items():
         assert err < PARITY_TOL, f"{impl} logits differ from transformers: rel err {err:.2e}"
@@ -296,6 +298,14 @@ def main(argv=None) -> None:
         + ", ".join(f"{impl} {flops / r['fwd']['median'] / 1e9:.1f}" for impl, r in results.items())
     )
 
+    peak = H.peak_matmul_gflops(runs=2 if smoke else 5)
+    print(
+        f"model-FLOP utilisation against this run's float32 matmul peak ({peak:.0f} GFLOP/s, one square jitted "
+        "matmul; forward+backward counted as 3x the forward's FLOPs): "
+        + ", ".join(f"{impl} {flops / r['fwd']['median'] / 1e9 / peak:.1%} / {3 * flops / r['fwd_bwd']['median'] / 1e9 / peak:.1%}"
+                    for impl, r in results.items())
+    )
+
     if foreign is not None:
         print(f"other processes used {100 * foreign:.0f}% of the CPUs while timing", end="")
         print(": WARNING, timings are contended and unreliable." if foreign > CONTENDED else ".")
@@ -311,6 +321,7 @@ def main(argv=None) -> None:
         "warmup": warmup,
         "forward_gflop": flops / 1e9,
         "foreign_cpu_share": foreign,
+        "peak_matmul_gflops": peak,
         "results": {
             impl: {
                 "fwd_median_ms": 1e3 * r["fwd"]["median"],

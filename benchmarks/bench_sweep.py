@@ -180,19 +180,19 @@ def tl_time(trio, fn_name, spec, corrupt, tl_cache, tl_metric, max_full, sample,
     from transformer_lens import patching as tl_patching
 
     fn = getattr(tl_patching, fn_name)
-    tokens = torch.tensor(corrupt, dtype=torch.long)
+    tokens = H.torch_tokens(corrupt)
     P = spec.size
     if P <= max_full:
         t0 = time.perf_counter()
         with torch.no_grad():
-            res = fn(trio.tl, tokens, tl_cache, tl_metric).numpy().reshape(-1)
+            res = fn(trio.tl, tokens, tl_cache, tl_metric).cpu().numpy().reshape(-1)
         return time.perf_counter() - t0, res, np.arange(P), False
     ids = np.sort(np.random.default_rng(seed).choice(P, sample, replace=False))
     df = pd.DataFrame({n: np.asarray(spec.index[n])[ids] for n in fn.keywords["index_axis_names"]})
     t0 = time.perf_counter()
     with torch.no_grad():
         res = tl_patching.generic_activation_patch(trio.tl, tokens, tl_cache, tl_metric, fn.keywords["patch_setter"],
-                                                   fn.keywords["activation_name"], index_df=df).numpy().reshape(-1)
+                                                   fn.keywords["activation_name"], index_df=df).cpu().numpy().reshape(-1)
     return (time.perf_counter() - t0) * P / sample, res, ids, True
 
 
@@ -206,12 +206,14 @@ def bench_setting(name, setting, trio, config, batch, pos, sweeps, runs, args, r
     def jax_metric(logits):
         return jnp.mean(logits[bj, -1, ans] - logits[bj, -1, wrong])
 
+    tb, tans, twrong = (torch.as_tensor(x, dtype=torch.long, device=H.torch_device()) for x in (bj, ans, wrong))
+
     def tl_metric(lg):
-        return (lg[bj, -1, ans] - lg[bj, -1, wrong]).mean()
+        return (lg[tb, -1, tans] - lg[tb, -1, twrong]).mean()
 
     _, clean_cache = model.run_with_cache(clean)
     with torch.no_grad():
-        _, tl_cache = trio.tl.run_with_cache(torch.tensor(clean, dtype=torch.long))
+        _, tl_cache = trio.tl.run_with_cache(H.torch_tokens(clean))
     fwd_flops = H.forward_flops(config, batch, pos)
     for sweep in sweeps:
         fn_name, site, axes, short = SWEEPS[sweep]
@@ -239,6 +241,8 @@ def bench_setting(name, setting, trio, config, batch, pos, sweeps, runs, args, r
         if rpm not in ceilings:
             ceilings[rpm] = ceiling(config, rpm, runs=3 if args.smoke else 7)
         ceil = ceilings[rpm]
+        if "peak" not in ceilings:
+            ceilings["peak"] = H.peak_matmul_gflops(runs=2 if args.smoke else 5)
         rate = executed / warm["median"] / 1e9
         tl_cell = f"{'~' if extrapolated else ''}{tl_s:.2f}"
         row = {"model": name, "setting": setting, "sweep": sweep, "patches": P, "live": len(live), "TL s": tl_cell,
@@ -246,7 +250,7 @@ def bench_setting(name, setting, trio, config, batch, pos, sweeps, runs, args, r
                "speed-up": f"{tl_s / warm['median']:.1f}x", "first-call speed-up": f"{tl_s / first_s:.1f}x",
                "compile s": f"{first_s - warm['median']:.2f}", "live-min GFLOP": f"{minimum / 1e9:.1f}",
                "exec/min": f"{executed / max(minimum, 1):.2f}", "GFLOP/s": f"{rate:.0f}", "ceiling GFLOP/s": f"{ceil:.0f}",
-               "of ceiling": f"{rate / ceil:.0%}", "chunk": _chunk_cell(pl),
+               "of ceiling": f"{rate / ceil:.0%}", "MFU": f"{rate / ceilings['peak']:.1%}", "chunk": _chunk_cell(pl),
                "max |Δ| vs TL": f"{err:.1e}"}
         rows.append(row)
         rec = {"model": name, "setting": setting, "sweep": sweep, "patches": P, "live": int(len(live)), "tl_s": tl_s,
@@ -271,7 +275,7 @@ def bench_setting(name, setting, trio, config, batch, pos, sweeps, runs, args, r
                          "p10-p90": f"{nwarm['p10']:.3f}-{nwarm['p90']:.3f}", "speed-up": f"{tl_s / nwarm['median']:.1f}x",
                          "first-call speed-up": f"{tl_s / nfirst:.1f}x", "compile s": f"{nfirst - nwarm['median']:.2f}",
                          "live-min GFLOP": f"{nmin / 1e9:.1f}", "exec/min": f"{nexec / max(nmin, 1):.2f}",
-                         "GFLOP/s": f"{nrate:.0f}", "of ceiling": f"{nrate / ceil:.0%}", "max |Δ| vs TL": f"{nerr:.1e}"})
+                         "GFLOP/s": f"{nrate:.0f}", "of ceiling": f"{nrate / ceil:.0%}", "MFU": f"{nrate / ceilings['peak']:.1%}", "max |Δ| vs TL": f"{nerr:.1e}"})
             rec.update(native_s=nwarm["median"], native_first_s=nfirst, native_executed_flops=nexec, native_live_min_flops=nmin)
         records.append(rec)
         print(f"  {setting} {sweep}: TL {tl_cell} s, jaxpatch {warm['median']:.3f} s ({tl_s / warm['median']:.1f}x; first call "
@@ -298,6 +302,7 @@ def main():
         args.settings, args.sweeps = ["pos3+9"], ["resid_pre", "heads_by_pos"]
     else:
         name, cfg, batch, pos = "gpt2-small", GPT2_SMALL, 8, 16
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch peers on {H.torch_device()}", flush=True)
     print(f"== {name}: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, d_mlp {cfg.d_mlp}, "
           f"vocab {cfg.d_vocab}; batch {batch} x {pos} tokens", flush=True)
     trio = H.build_trio(cfg, seed=0)
@@ -306,7 +311,9 @@ def main():
         bench_setting(name, setting, trio, cfg, batch, pos, args.sweeps, args.runs, args, rows, records, ceilings)
     H.print_table(rows, ["setting", "sweep", "patches", "live", "TL s", "jaxpatch s", "p10-p90", "speed-up",
                          "first-call speed-up", "compile s", "live-min GFLOP", "exec/min", "GFLOP/s", "ceiling GFLOP/s",
-                         "of ceiling", "chunk", "max |Δ| vs TL"])
+                         "of ceiling", "MFU", "chunk", "max |Δ| vs TL"])
+    print(f"MFU: achieved GFLOP/s over this run's float32 matmul peak, {ceilings['peak']:.0f} GFLOP/s (one square jitted "
+          f"matmul; the ceiling column is the same-shape rate). Matmul precision: {jax.config.jax_default_matmul_precision}.")
     print("TL s marked ~: timed on a seeded sample of the patches and scaled to the whole sweep (one forward each).")
     if not args.smoke:
         path = H.record("bench_sweep", {"results": records, "ceilings_gflops": {str(k): v for k, v in ceilings.items()}})

@@ -4,6 +4,7 @@ The public API, re-exported here; everything else is internal.
 """
 
 from . import compile_cache as compile_cache; compile_cache.setup()  # noqa: E702  (persistent XLA cache; see compile_cache.py)
+from . import precision as precision; precision.ensure_full_float32()  # noqa: E702  (float32 matmuls stay float32 on GPU/TPU)
 from ._errors import (
     CheckpointError as CheckpointError,
     InputError as InputError,

@@ -28,8 +28,9 @@ def hf_gpt2(n_layers, d_model, n_heads, d_vocab, n_ctx, d_mlp=None, seed=0, act=
     return model
 
 
-def tl_from_hf(hf_model, dtype="float32"):
-    """A TransformerLens HookedTransformer with the HF model's weights, no folding or centering."""
+def tl_from_hf(hf_model, dtype="float32", device="cpu"):
+    """A TransformerLens HookedTransformer with the HF model's weights, no folding or centering
+    (on ``device``; the benchmarks pass ``"cuda"`` where they run on a GPU)."""
     import torch
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
@@ -39,7 +40,7 @@ def tl_from_hf(hf_model, dtype="float32"):
         n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.n_positions, d_head=c.n_embd // c.n_head,
         n_heads=c.n_head, d_mlp=c.n_inner or 4 * c.n_embd, d_vocab=c.vocab_size, act_fn=c.activation_function,
         normalization_type="LN", eps=c.layer_norm_epsilon, positional_embedding_type="standard",
-        original_architecture="GPT2LMHeadModel", dtype=getattr(torch, dtype), device="cpu",
+        original_architecture="GPT2LMHeadModel", dtype=getattr(torch, dtype), device=device,
     )
     tl = HookedTransformer(cfg)
     tl.load_and_process_state_dict(
