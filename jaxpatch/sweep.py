@@ -730,14 +730,23 @@ def _core(config, params, run_ivs, cache, source, ctx, idx, chunk_start, chunk_b
         args = (jax.tree.map(grouped, idx), grouped(chunk_start), grouped(chunk_bucket))
 
         def one_group(args):
+            shapes = []  # compute's output shapes, recorded when lax.cond traces it
+
             def compute(args):
                 rows = jax.lax.map(fn, args)  # [g, chunk, B, ...]
                 vals, finite = _finish(config, params, rows.reshape((g * chunk,) + rows.shape[2:]), metric, ctx, n_pos, lazy)
-                return vals.reshape((g, chunk) + vals.shape[1:]), finite.reshape(g, chunk)
+                out = vals.reshape((g, chunk) + vals.shape[1:]), finite.reshape(g, chunk)
+                shapes.append(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), out))
+                return out
 
-            shapes = jax.eval_shape(compute, args)
-            padding = lambda args: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)  # noqa: E731
-            return jax.lax.cond(jnp.all(args[1] >= config.n_layers), padding, compute, args)  # dropped: not run
+            def padding(args):
+                # lax.cond traces compute first, so its shapes are known without tracing the model
+                # a second time (jax.eval_shape did: a second full trace on every first call)
+                spec = shapes[0] if shapes else jax.eval_shape(compute, args)
+                return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), spec)
+
+            # a group whose chunks all start past the last layer (padding) is not run
+            return jax.lax.cond(jnp.any(args[1] < config.n_layers), compute, padding, args)
 
         vals, finite = jax.lax.map(one_group, args)
         flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731
