@@ -65,18 +65,29 @@ def torch_tokens(tokens):
     return torch.tensor(np.asarray(tokens), dtype=torch.long, device=torch_device())
 
 
-def peak_matmul_gflops(n: int | None = None, runs: int = 5) -> float:
-    """GFLOP/s of one jitted square float32 matmul (``n`` = 8192 on accelerators, 2048 on CPU) at
-    the matmul precision in effect (jaxpatch's: float32): the machine's practical peak, measured
-    in the same run, against which model-FLOP utilisation is reported."""
+def matmul_gflops(shapes, runs: int = 5) -> float:
+    """GFLOP/s of jitted float32 matmuls ``[m, k] @ [k, n]`` for each ``(m, k, n)`` in ``shapes``
+    (the best of ``runs`` for each, summed FLOPs over summed time), at the matmul precision in
+    effect (jaxpatch's: float32)."""
     import jax.numpy as jnp
 
-    n = n or (2048 if jax.default_backend() == "cpu" else 8192)
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
     mm = jax.jit(lambda x, y: x @ y)
-    jax.block_until_ready(mm(a, b))
-    return 2 * n**3 / time_fn(lambda: jax.block_until_ready(mm(a, b)), runs=runs, warmup=1)["p10"] / 1e9
+    flops = secs = 0.0
+    for m, k, n in shapes:
+        a = jax.random.normal(jax.random.PRNGKey(0), (m, k), jnp.float32)
+        b = jax.random.normal(jax.random.PRNGKey(1), (k, n), jnp.float32)
+        jax.block_until_ready(mm(a, b))
+        secs += time_fn(lambda: jax.block_until_ready(mm(a, b)), runs=runs, warmup=1)["p10"]
+        flops += 2 * m * k * n
+    return flops / secs / 1e9
+
+
+def peak_matmul_gflops(n: int | None = None, runs: int = 5) -> float:
+    """:func:`matmul_gflops` of one square matmul (``n`` = 8192 on accelerators, 2048 on CPU): the
+    machine's practical peak, measured in the same run, against which model-FLOP utilisation is
+    reported."""
+    n = n or (2048 if jax.default_backend() == "cpu" else 8192)
+    return matmul_gflops([(n, n, n)], runs)
 
 
 def time_fn(fn: Callable[[], Any], runs: int = 10, warmup: int = 2) -> dict:

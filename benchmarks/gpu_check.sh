@@ -6,7 +6,6 @@
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-rm -f benchmarks/results/bench_forward.jsonl.gpu benchmarks/results/bench_sweep.jsonl.gpu
 for f in bench_forward bench_sweep; do
   [ -f benchmarks/results/$f.jsonl ] && wc -l < benchmarks/results/$f.jsonl > "$OUT/$f.lines0" || echo 0 > "$OUT/$f.lines0"
 done
